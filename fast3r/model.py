@@ -1,0 +1,204 @@
+"""Fast3R: many unposed views in, one global and one local pointmap per view out, in one pass."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import checkpoint, memory
+from .config import Fast3RConfig
+from .encoder import Encoder
+from .fusion import FusionTransformer, sample_image_indices
+from .heads import DPTHead
+from .layers import check_patch_grid
+
+BACKENDS = ("torch", "triton")
+Images = torch.Tensor | Sequence[torch.Tensor]
+
+
+class Fast3R(nn.Module):
+    """The Fast3R network with the official state-dict layout.
+
+    ``backend="torch"`` runs stock PyTorch ops; ``backend="triton"`` swaps attention,
+    LayerNorm and patch embedding for the fused kernels of ``fast3r_kernels`` (same
+    parameters, same state dict).
+    """
+
+    def __init__(self, cfg: Fast3RConfig | str = "large", backend: str = "torch"):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
+        self.config = Fast3RConfig.preset(cfg) if isinstance(cfg, str) else cfg
+        self.backend = backend
+        self.encoder = Encoder(self.config)
+        self.decoder = FusionTransformer(self.config)
+        self.downstream_head = DPTHead(self.config)
+        self.downstream_head_local = DPTHead(self.config) if self.config.with_local_head else None
+        if backend == "triton":
+            from fast3r_kernels import accelerate
+
+            accelerate(self)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        images: Images,
+        *,
+        image_ids: str | torch.Tensor = "auto",
+        seed: int | None = None,
+        encoder_chunk: int | None = None,
+        head_chunk: int | None = None,
+    ) -> list[dict[str, torch.Tensor]]:
+        """Reconstruct a scene.
+
+        images: (N, 3, H, W), a list of N (3, H_i, W_i) tensors (sizes may differ), or a
+            batch of scenes (B, N, 3, H, W). Float images are in [-1, 1]; uint8 RGB is
+            normalized here. H and W must be multiples of the patch size (16).
+        image_ids: "sequential" (view i uses index i), "random" (the official training
+            scheme, seeded by ``seed``), an explicit (N,) or (B, N) tensor, or "auto"
+            (random if the config asks for it, else sequential).
+        encoder_chunk / head_chunk: views per encoder / head pass (default: from free memory).
+
+        Returns one dict per view with ``pts3d_in_other_view`` (H, W, 3) in view 0's
+        camera frame, ``conf`` (H, W), and with the local head ``pts3d_local`` (H, W, 3)
+        in the view's own frame and ``conf_local`` (H, W); a leading B for batched input.
+        All outputs are fp32.
+        """
+        views, batched = _as_views(images, self.config.patch_size)
+        batch, device = views[0].shape[0], self._device()
+        dtype = self.encoder.patch_embed.proj.weight.dtype
+        patch = self.config.patch_size
+        grids = [(v.shape[-2] // patch, v.shape[-1] // patch) for v in views]
+        sizes = [gh * gw for gh, gw in grids]
+        offsets = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+
+        tokens = torch.empty(batch, offsets[-1], self.config.enc_dim, dtype=dtype, device=device)
+        enc_chunk = encoder_chunk or memory.chunk_size(
+            device, memory.encoder_bytes_per_view(self.config, max(sizes), dtype.itemsize) * batch,
+            memory.MAX_ENCODER_CHUNK, memory.CPU_ENCODER_CHUNK)
+        for run in _runs(grids, enc_chunk):
+            imgs = torch.cat([_to_model(views[i], dtype, device) for i in run])
+            out = self.encoder(imgs)
+            n, t = len(run), sizes[run[0]]
+            tokens[:, offsets[run[0]] : offsets[run[-1] + 1]] = (
+                out.view(n, batch, t, -1).transpose(0, 1).reshape(batch, n * t, -1))
+
+        ids = self._image_ids(image_ids, seed, batch, len(views)).to(device)
+        hooks = self.decoder(tokens, sizes, ids)
+        del tokens
+
+        heads = {"": self.downstream_head, "_local": self.downstream_head_local}
+        h_chunk = head_chunk or memory.chunk_size(
+            device, memory.head_bytes_per_view(self.config, max(sizes) * patch * patch, dtype.itemsize) * batch,
+            memory.MAX_HEAD_CHUNK, memory.CPU_HEAD_CHUNK)
+        results: list[dict[str, torch.Tensor]] = [{} for _ in views]
+        for run in _runs(grids, h_chunk):
+            n, t = len(run), sizes[run[0]]
+            layers = [h[:, offsets[run[0]] : offsets[run[-1] + 1]].reshape(batch, n, t, -1)
+                      .transpose(0, 1).reshape(n * batch, t, -1) for h in hooks]
+            for suffix, head in heads.items():
+                if head is None:
+                    continue
+                points, conf = head(layers, grids[run[0]])
+                points = points.view(n, batch, *points.shape[1:])
+                conf = conf.view(n, batch, *conf.shape[1:])
+                key = "pts3d_in_other_view" if suffix == "" else "pts3d_local"
+                for j, i in enumerate(run):
+                    results[i][key] = points[j] if batched else points[j, 0]
+                    results[i]["conf" + suffix] = conf[j] if batched else conf[j, 0]
+        return results
+
+    def _device(self) -> torch.device:
+        return self.encoder.patch_embed.proj.weight.device
+
+    def _image_ids(self, image_ids: str | torch.Tensor, seed: int | None, batch: int, num_views: int) -> torch.Tensor:
+        if isinstance(image_ids, torch.Tensor):
+            ids = image_ids.long().expand(batch, num_views) if image_ids.dim() == 1 else image_ids.long()
+            if ids.shape != (batch, num_views):
+                raise ValueError(f"image_ids has shape {tuple(image_ids.shape)}; expected ({num_views},) or ({batch}, {num_views})")
+            return ids
+        if image_ids == "auto":
+            image_ids = "random" if self.config.random_image_index else "sequential"
+        if image_ids == "sequential":
+            return torch.arange(num_views).expand(batch, num_views)
+        if image_ids == "random":
+            generator = torch.Generator().manual_seed(seed) if seed is not None else None
+            return sample_image_indices(batch, num_views, generator)
+        raise ValueError(f"image_ids={image_ids!r}; use 'sequential', 'random', 'auto' or a tensor of indices")
+
+    # --------------------------------------------------------------- checkpoints
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        *,
+        backend: str = "torch",
+        config: Fast3RConfig | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Fast3R:
+        """Load a checkpoint directory or weights file (config.json beside it), or a hub id.
+
+        Strict: a missing, unexpected or mis-shaped key raises ``CheckpointError`` naming it.
+        Pickled ``.pth``/``.bin`` files are read with ``weights_only=True``.
+        """
+        weights, config_path = checkpoint.resolve(path_or_repo_id)
+        if config is None:
+            if config_path is None:
+                raise FileNotFoundError(f"no {checkpoint.CONFIG_NAME} beside {weights}; pass config=Fast3RConfig(...)")
+            config = checkpoint.read_config(config_path)
+        with torch.device("meta"):
+            model = cls(config, backend=backend)
+        checkpoint.load_strict(model, checkpoint.read_state_dict(weights), str(weights))
+        return model.to(device=device, dtype=dtype).eval()
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` in the official layout."""
+        return checkpoint.save(self, self.config, directory)
+
+
+def _as_views(images: Images, patch: int) -> tuple[list[torch.Tensor], bool]:
+    """-> per-view (B, 3, H, W) tensors, and whether the caller passed a batch of scenes."""
+    if isinstance(images, torch.Tensor):
+        if images.dim() == 4:
+            views, batched = list(images.unsqueeze(1)), False
+        elif images.dim() == 5:
+            views, batched = list(images.transpose(0, 1)), True
+        else:
+            raise ValueError(f"images has shape {tuple(images.shape)}; expected (N, 3, H, W) or (B, N, 3, H, W)")
+    elif isinstance(images, Sequence) and images and all(isinstance(v, torch.Tensor) for v in images):
+        if any(v.dim() != 3 for v in images):
+            raise ValueError("a list of images must hold (3, H, W) tensors, one per view")
+        views, batched = [v.unsqueeze(0) for v in images], False
+    else:
+        raise TypeError("images must be a tensor (N, 3, H, W) / (B, N, 3, H, W) or a non-empty list of (3, H, W) tensors")
+    if len({v.dtype == torch.uint8 for v in views}) > 1:
+        raise TypeError("views mix uint8 and float images; pass all views as uint8 RGB or all as floats in [-1, 1]")
+    for i, v in enumerate(views):
+        if v.shape[1] != 3:
+            raise ValueError(f"view {i} has {v.shape[1]} channels; Fast3R takes RGB (3 channels)")
+        if not (v.dtype.is_floating_point or v.dtype == torch.uint8):
+            raise TypeError(f"view {i} has dtype {v.dtype}; pass float images in [-1, 1] or uint8 RGB")
+        check_patch_grid(v.shape[-2], v.shape[-1], patch)
+    return views, batched
+
+
+def _to_model(view: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Float views take the model dtype; uint8 stays uint8 (the patch embedding normalizes it)."""
+    view = view.to(device)
+    return view if view.dtype == torch.uint8 else view.to(dtype)
+
+
+def _runs(grids: list[tuple[int, int]], max_len: int) -> list[list[int]]:
+    """Split view indices into consecutive runs of equal grid size, each at most ``max_len`` long."""
+    runs: list[list[int]] = []
+    for i, grid in enumerate(grids):
+        if runs and len(runs[-1]) < max_len and grids[runs[-1][0]] == grid:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs

@@ -1,0 +1,17 @@
+"""Triton kernels for Fast3R: fused attention (+RoPE-2D), LayerNorm (+residual), patch embedding."""
+
+from .accelerate import accelerate
+from .attention import attention
+from .layernorm import layer_norm
+from .modules import FusedAttention, FusedLayerNorm, FusedPatchEmbed
+from .patch_embed import patch_embed
+
+__all__ = [
+    "FusedAttention",
+    "FusedLayerNorm",
+    "FusedPatchEmbed",
+    "accelerate",
+    "attention",
+    "layer_norm",
+    "patch_embed",
+]

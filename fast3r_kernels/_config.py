@@ -1,0 +1,74 @@
+"""Where kernels may run, input checks shared by the launchers, and block-size tables."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1: kernels then run (slowly) on CPU tensors, for testing."""
+    return bool(triton.knobs.runtime.interpret)
+
+
+def check_device(name: str, tensor: torch.Tensor, device: torch.device | None = None) -> None:
+    if device is not None and tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device} but the other inputs are on {device}; move them together")
+    if tensor.device.type == "cuda" or (tensor.device.type == "cpu" and interpreting()):
+        return
+    raise ValueError(
+        f"{name} is on {tensor.device}: fast3r_kernels runs on CUDA GPUs, or on the CPU only under "
+        "TRITON_INTERPRET=1 (slow; for tests). Move the tensors to a GPU or use the PyTorch op."
+    )
+
+
+def check_float(name: str, tensor: torch.Tensor) -> None:
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {tensor.dtype}; supported: bfloat16, float16, float32")
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors to size persistent grids by (a small constant under the interpreter)."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def precision(dtype: torch.dtype) -> str:
+    """How kernels on ``dtype`` tiles multiply and round; see ``mma`` and ``cast``."""
+    if dtype == torch.float32:
+        return "ieee"
+    if dtype == torch.bfloat16 and interpreting():
+        return "interpret_bf16"
+    return "native"
+
+
+@triton.jit
+def mma(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b with fp32 accumulation.
+
+    "native": tensor-core bf16/fp16. "ieee": true fp32 products (no tf32) for fp32
+    inputs. "interpret_bf16": bf16 operands widened to fp32 first; only under
+    TRITON_INTERPRET, whose dot multiplies raw bf16 bits (triton-lang/triton#11584).
+    bf16 products are exact in fp32, so this computes what the tensor cores compute.
+    """
+    if PRECISION == "native":
+        return tl.dot(a, b, acc)
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+
+
+@triton.jit
+def cast(x, dtype: tl.constexpr, PRECISION: tl.constexpr):
+    """x.to(dtype), rounding to nearest even as the GPU does.
+
+    The interpreter truncates fp32 -> bf16; under "interpret_bf16" the fp32 bits are
+    rounded to nearest even first, so CPU tests see GPU rounding.
+    """
+    if PRECISION == "interpret_bf16" and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
