@@ -6,18 +6,21 @@ registers (online softmax), so the L x L score matrix never exists. The softmax 
 the exp2 domain with ``scale * log2(e)`` folded into one multiply-subtract per score, and
 the accumulator is divided by l once, at the end. Only the last K/V tile is masked.
 
-Layouts: q, k, v are read through their strides, so the (B, L, H, D) views the qkv
-projection produces (stride 3*H*D between tokens) are consumed in place, with no
-transposes or copies; the output is written in the same layout (B, L, H, D), which the
-output projection reads as (B, L, H*D). Element offsets are computed in int64, so
-sequences beyond 2^31 elements (1.2 M tokens of packed qkv) address correctly.
+Memory access: every tile moves through a rank-4 TMA tensor descriptor over the
+(B, L, H, D) (or (B, H, L, D)) view as it is, so the q/k/v views of a packed qkv
+projection (token stride 3*H*D) are read in place, with no transpose or copy; the
+copy engine zero-fills rows past a ragged sequence end and clips stores there, and its
+loads are software-pipelined across K/V tiles. Coordinates are per dimension, so
+sequences past 2^31 elements (1.2 M tokens of packed qkv) address correctly.
 
-RoPE-2D: with ``rope_pos`` the kernel rotates q and k as it loads them (first half of the
-head by the token's y, second half by its x, rotate-half convention, fp32, angles from an
-fp32 cos/sin table), so rotated q/k never exist in memory.
+RoPE-2D: with ``rope_pos`` the kernel rotates q and k as it loads them, one quarter of
+the head dimension at a time (y rotates quarters 0/1 into each other, x quarters 2/3),
+in fp32 with angles from an fp32 cos/sin table. Scores are then the sum of four
+quarter-width products, the same tensor-core work as one full-width product, and
+rotated q/k never exist in memory.
 
 Backward: dK/dV in one pass over query tiles, dQ in another over key tiles; no atomics,
-so gradients are bitwise reproducible. The gradient of RoPE is the inverse rotation.
+so gradients are bitwise reproducible run to run. RoPE's gradient is the inverse rotation.
 """
 
 from __future__ import annotations
@@ -28,246 +31,271 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._config import cast, check_device, check_float, mma, precision
 
 HEAD_DIMS = (32, 64, 128)
 LAYOUTS = ("BLHD", "BHLD")
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
-# --------------------------------------------------------------------------- RoPE
+# ----------------------------------------------------------------- tile access
 @triton.jit
-def _swap_quarters(x, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """x[:, d ^ HEAD_DIM/4]: exchange the two quarters inside each half of the head, in registers."""
-    QUARTER: tl.constexpr = HEAD_DIM // 4
-    x = tl.permute(tl.reshape(x, (ROWS, 2, 2, QUARTER)), (0, 1, 3, 2))
-    first, second = tl.split(x)
-    x = tl.permute(tl.join(second, first), (0, 1, 3, 2))
-    return tl.reshape(x, (ROWS, HEAD_DIM))
-
-
-@triton.jit
-def _rope(x, pos_y, pos_x, COS, SIN, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, INVERSE: tl.constexpr):
-    """Rotate fp32 rows x (ROWS, HEAD_DIM) by their (y, x) positions; INVERSE undoes it."""
-    QUARTER: tl.constexpr = HEAD_DIM // 4
-    HALF: tl.constexpr = HEAD_DIM // 2
-    d = tl.arange(0, HEAD_DIM)
-    sign = tl.where((d % HALF) < QUARTER, -1.0, 1.0)
-    if INVERSE:
-        sign = -sign
-    pos = tl.where((d >= HALF)[None, :], pos_x[:, None], pos_y[:, None])
-    table = pos * QUARTER + (d % QUARTER)[None, :]
-    cos = tl.load(COS + table)
-    sin = tl.load(SIN + table)
-    return x * cos + sign[None, :] * _swap_quarters(x, ROWS, HEAD_DIM) * sin
-
-
-@triton.jit
-def _load_positions(POS, rows, L, stride_l, stride_c):
-    """(y, x) positions of the given tokens as int32 (POS may hold any integer dtype)."""
-    in_range = rows < L
-    ptrs = POS + rows.to(tl.int64) * stride_l
-    pos_y = tl.load(ptrs, mask=in_range, other=0).to(tl.int32)
-    pos_x = tl.load(ptrs + stride_c, mask=in_range, other=0).to(tl.int32)
-    return pos_y, pos_x
-
-
-@triton.jit
-def _load_rows(ptr, rows, stride_l, L, POS, stride_pos_l, stride_pos_c, COS, SIN,
-               ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, ROPE: tl.constexpr, MASK: tl.constexpr,
-               PRECISION: tl.constexpr):
-    """Load (ROWS, HEAD_DIM) rows of one (batch, head), rotated by RoPE-2D if ROPE."""
-    d = tl.arange(0, HEAD_DIM)
-    ptrs = ptr + rows.to(tl.int64)[:, None] * stride_l + d[None, :]
-    if MASK:
-        x = tl.load(ptrs, mask=(rows < L)[:, None], other=0.0)
+def _load(desc, b, h, row, col, ROWS: tl.constexpr, COLS: tl.constexpr, BHLD: tl.constexpr):
+    """(ROWS, COLS) tile of head h of batch b, starting at token ``row`` and feature ``col``."""
+    if BHLD:
+        tile = desc.load([b, h, row, col])
     else:
-        x = tl.load(ptrs)
+        tile = desc.load([b, row, h, col])
+    return tile.reshape(ROWS, COLS)
+
+
+@triton.jit
+def _store(desc, b, h, row, col, tile, ROWS: tl.constexpr, COLS: tl.constexpr, BHLD: tl.constexpr):
+    if BHLD:
+        desc.store([b, h, row, col], tile.reshape(1, 1, ROWS, COLS))
+    else:
+        desc.store([b, row, h, col], tile.reshape(1, ROWS, 1, COLS))
+
+
+# ------------------------------------------------------------------------ RoPE
+@triton.jit
+def _cos_sin(POS, COS, SIN, pos_b, rows, L, spos_l, spos_c, QUARTER: tl.constexpr):
+    """cos/sin (ROWS, QUARTER) of the tokens' y and x angles, from the (n_pos, QUARTER) tables."""
+    ok = rows < L
+    ptrs = POS + pos_b + rows.to(tl.int64) * spos_l
+    py = tl.load(ptrs, mask=ok, other=0).to(tl.int32)[:, None] * QUARTER
+    px = tl.load(ptrs + spos_c, mask=ok, other=0).to(tl.int32)[:, None] * QUARTER
+    f = tl.arange(0, QUARTER)[None, :]
+    return tl.load(COS + py + f), tl.load(SIN + py + f), tl.load(COS + px + f), tl.load(SIN + px + f)
+
+
+@triton.jit
+def _rotated_quarters(desc4, b, h, row, L, POS, COS, SIN, pos_b, spos_l, spos_c,
+                      ROWS: tl.constexpr, QUARTER: tl.constexpr, BHLD: tl.constexpr, PRECISION: tl.constexpr):
+    """Load rows of q or k as four (ROWS, QUARTER) quarters and rotate them by RoPE-2D, in fp32."""
+    x0 = _load(desc4, b, h, row, 0, ROWS, QUARTER, BHLD).to(tl.float32)
+    x1 = _load(desc4, b, h, row, QUARTER, ROWS, QUARTER, BHLD).to(tl.float32)
+    x2 = _load(desc4, b, h, row, 2 * QUARTER, ROWS, QUARTER, BHLD).to(tl.float32)
+    x3 = _load(desc4, b, h, row, 3 * QUARTER, ROWS, QUARTER, BHLD).to(tl.float32)
+    cy, sy, cx, sx = _cos_sin(POS, COS, SIN, pos_b, row + tl.arange(0, ROWS), L, spos_l, spos_c, QUARTER)
+    dtype: tl.constexpr = desc4.dtype
+    return (cast(x0 * cy - x1 * sy, dtype, PRECISION), cast(x1 * cy + x0 * sy, dtype, PRECISION),
+            cast(x2 * cx - x3 * sx, dtype, PRECISION), cast(x3 * cx + x2 * sx, dtype, PRECISION))
+
+
+@triton.jit
+def _store_unrotated(desc4, b, h, row, g0, g1, g2, g3, L, POS, COS, SIN, pos_b, spos_l, spos_c,
+                     ROWS: tl.constexpr, QUARTER: tl.constexpr, BHLD: tl.constexpr, PRECISION: tl.constexpr):
+    """Store gradient quarters taken w.r.t. rotated q/k as gradients w.r.t. the inputs (inverse rotation)."""
+    cy, sy, cx, sx = _cos_sin(POS, COS, SIN, pos_b, row + tl.arange(0, ROWS), L, spos_l, spos_c, QUARTER)
+    dtype: tl.constexpr = desc4.dtype
+    _store(desc4, b, h, row, 0, cast(g0 * cy + g1 * sy, dtype, PRECISION), ROWS, QUARTER, BHLD)
+    _store(desc4, b, h, row, QUARTER, cast(g1 * cy - g0 * sy, dtype, PRECISION), ROWS, QUARTER, BHLD)
+    _store(desc4, b, h, row, 2 * QUARTER, cast(g2 * cx + g3 * sx, dtype, PRECISION), ROWS, QUARTER, BHLD)
+    _store(desc4, b, h, row, 3 * QUARTER, cast(g3 * cx - g2 * sx, dtype, PRECISION), ROWS, QUARTER, BHLD)
+
+
+@triton.jit
+def _q_or_k(desc, desc4, b, h, row, L, POS, COS, SIN, pos_b, spos_l, spos_c,
+            ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BHLD: tl.constexpr, ROPE: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """q or k rows: four rotated quarters with RoPE, else the full tile (repeated, the extra three unused)."""
     if ROPE:
-        pos_y, pos_x = _load_positions(POS, rows, L, stride_pos_l, stride_pos_c)
-        x = cast(_rope(x.to(tl.float32), pos_y, pos_x, COS, SIN, ROWS, HEAD_DIM, False), ptr.dtype.element_ty, PRECISION)
-    return x
+        x0, x1, x2, x3 = _rotated_quarters(desc4, b, h, row, L, POS, COS, SIN, pos_b, spos_l, spos_c,
+                                           ROWS, HEAD_DIM // 4, BHLD, PRECISION)
+    else:
+        x0 = _load(desc, b, h, row, 0, ROWS, HEAD_DIM, BHLD)
+        x1, x2, x3 = x0, x0, x0
+    return x0, x1, x2, x3
 
 
 @triton.jit
-def _head_offsets(pid_bh, H, stride_b, stride_h):
-    return (pid_bh // H).to(tl.int64) * stride_b + (pid_bh % H).to(tl.int64) * stride_h
-
-
-@triton.jit
-def _positions(POS, pid_bh, H, stride_b, ROPE: tl.constexpr):
-    """Base pointer of this batch's (L, 2) positions (POS is None without RoPE)."""
+def _scores(a0, a1, a2, a3, b0, b1, b2, b3, ROWS: tl.constexpr, COLS: tl.constexpr, ROPE: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """a @ b^T in fp32, as four quarter-width products with RoPE."""
+    s = mma(a0, tl.trans(b0), tl.zeros([ROWS, COLS], dtype=tl.float32), PRECISION)
     if ROPE:
-        return POS + (pid_bh // H).to(tl.int64) * stride_b
-    return POS
+        s = mma(a1, tl.trans(b1), s, PRECISION)
+        s = mma(a2, tl.trans(b2), s, PRECISION)
+        s = mma(a3, tl.trans(b3), s, PRECISION)
+    return s
 
 
-# ------------------------------------------------------------------------ forward
-@triton.jit
-def _fwd_tile(acc, m_i, l_i, q, k_ptr, v_ptr, start_n, stride_kl, stride_vl, L_K,
-              POS_K, stride_pos_l, stride_pos_c, COS, SIN, qk_scale,
-              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, ROPE: tl.constexpr, MASK: tl.constexpr,
-              PRECISION: tl.constexpr):
-    cols = start_n + tl.arange(0, BLOCK_N)
-    k = _load_rows(k_ptr, cols, stride_kl, L_K, POS_K, stride_pos_l, stride_pos_c, COS, SIN, BLOCK_N, HEAD_DIM, ROPE, MASK, PRECISION)
-    s = mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), PRECISION)
-    if MASK:
-        s = tl.where((cols < L_K)[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    p = tl.math.exp2(s * qk_scale - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_rows(v_ptr, cols, stride_vl, L_K, POS_K, stride_pos_l, stride_pos_c, COS, SIN, BLOCK_N, HEAD_DIM, False, MASK, PRECISION)
-    acc = mma(cast(p, v.dtype, PRECISION), v, acc * alpha[:, None], PRECISION)
-    return acc, m_new, l_i
-
-
+# --------------------------------------------------------------------- forward
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE, POS, COS, SIN,
-    sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, so_b, so_h, so_l, spos_b, spos_l, spos_c,
+    q_desc, k_desc, v_desc, o_desc, q4_desc, k4_desc, LSE, POS, COS, SIN, spos_b, spos_l, spos_c,
     H, L_Q, L_K, m_tiles, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BHLD: tl.constexpr,
     ROPE: tl.constexpr, RETURN_LSE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    pid_bh, pid_m = pid // m_tiles, pid % m_tiles
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pos = _positions(POS, pid_bh, H, spos_b, ROPE)
-    q = _load_rows(Q + _head_offsets(pid_bh, H, sq_b, sq_h), rows, sq_l, L_Q, pos, spos_l, spos_c, COS, SIN,
-                   BLOCK_M, HEAD_DIM, ROPE, True, PRECISION)
-    k_ptr = K + _head_offsets(pid_bh, H, sk_b, sk_h)
-    v_ptr = V + _head_offsets(pid_bh, H, sv_b, sv_h)
+    bh, start_m = pid // m_tiles, (pid % m_tiles) * BLOCK_M
+    b, h = bh // H, bh % H
+    pos_b = b.to(tl.int64) * spos_b
+    q0, q1, q2, q3 = _q_or_k(q_desc, q4_desc, b, h, start_m, L_Q, POS, COS, SIN, pos_b, spos_l, spos_c,
+                             BLOCK_M, HEAD_DIM, BHLD, ROPE, PRECISION)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     full = (L_K // BLOCK_N) * BLOCK_N
     for start_n in range(0, full, BLOCK_N):
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptr, v_ptr, start_n, sk_l, sv_l, L_K, pos, spos_l, spos_c, COS, SIN,
-                                  qk_scale, BLOCK_N, HEAD_DIM, ROPE, False, PRECISION)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q0, q1, q2, q3, k_desc, k4_desc, v_desc, b, h, start_n, L_K,
+                                  POS, COS, SIN, pos_b, spos_l, spos_c, qk_scale,
+                                  BLOCK_M, BLOCK_N, HEAD_DIM, BHLD, ROPE, False, PRECISION)
     if full < L_K:
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptr, v_ptr, full, sk_l, sv_l, L_K, pos, spos_l, spos_c, COS, SIN,
-                                  qk_scale, BLOCK_N, HEAD_DIM, ROPE, True, PRECISION)
-    acc = acc / l_i[:, None]
-    d = tl.arange(0, HEAD_DIM)
-    o_ptrs = O + _head_offsets(pid_bh, H, so_b, so_h) + rows.to(tl.int64)[:, None] * so_l + d[None, :]
-    tl.store(o_ptrs, cast(acc, O.dtype.element_ty, PRECISION), mask=(rows < L_Q)[:, None])
-    if RETURN_LSE:  # natural-log LSE of the scaled scores, (B, H, L_Q) fp32
-        tl.store(LSE + pid_bh.to(tl.int64) * L_Q + rows, (m_i + tl.math.log2(l_i)) * 0.6931471805599453,
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q0, q1, q2, q3, k_desc, k4_desc, v_desc, b, h, full, L_K,
+                                  POS, COS, SIN, pos_b, spos_l, spos_c, qk_scale,
+                                  BLOCK_M, BLOCK_N, HEAD_DIM, BHLD, ROPE, True, PRECISION)
+    out = cast(acc / l_i[:, None], o_desc.dtype, PRECISION)
+    _store(o_desc, b, h, start_m, 0, out, BLOCK_M, HEAD_DIM, BHLD)
+    if RETURN_LSE:  # natural-log sum-exp of the scaled scores, (B, H, L_Q) fp32
+        rows = start_m + tl.arange(0, BLOCK_M)
+        tl.store(LSE + bh.to(tl.int64) * L_Q + rows, (m_i + tl.math.log2(l_i)) / 1.4426950408889634,
                  mask=rows < L_Q)
 
 
-# ----------------------------------------------------------------------- backward
 @triton.jit
-def _bwd_delta(O, DO, DELTA, so_b, so_h, so_l, sdo_b, sdo_h, sdo_l, H, L, m_tiles,
-               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+def _fwd_tile(acc, m_i, l_i, q0, q1, q2, q3, k_desc, k4_desc, v_desc, b, h, start_n, L_K,
+              POS, COS, SIN, pos_b, spos_l, spos_c, qk_scale,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BHLD: tl.constexpr,
+              ROPE: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
+    k0, k1, k2, k3 = _q_or_k(k_desc, k4_desc, b, h, start_n, L_K, POS, COS, SIN, pos_b, spos_l, spos_c,
+                             BLOCK_N, HEAD_DIM, BHLD, ROPE, PRECISION)
+    s = _scores(q0, q1, q2, q3, k0, k1, k2, k3, BLOCK_M, BLOCK_N, ROPE, PRECISION)
+    if MASK:  # keys past L_K were zero-filled: exclude them from the softmax
+        s = tl.where((start_n + tl.arange(0, BLOCK_N) < L_K)[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load(v_desc, b, h, start_n, 0, BLOCK_N, HEAD_DIM, BHLD)
+    acc = mma(cast(p, v.dtype, PRECISION), v, acc * alpha[:, None], PRECISION)
+    return acc, m_new, l_i
+
+
+# -------------------------------------------------------------------- backward
+@triton.jit
+def _bwd_delta(o_desc, do_desc, DELTA, H, L, m_tiles,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BHLD: tl.constexpr):
     """delta = rowsum(dO * O): the softmax-gradient correction term, (B, H, L) fp32."""
     pid = tl.program_id(0)
-    pid_bh, pid_m = pid // m_tiles, pid % m_tiles
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    d = tl.arange(0, HEAD_DIM)
-    ok = (rows < L)[:, None]
-    o = tl.load(O + _head_offsets(pid_bh, H, so_b, so_h) + rows.to(tl.int64)[:, None] * so_l + d[None, :],
-                mask=ok, other=0.0).to(tl.float32)
-    do = tl.load(DO + _head_offsets(pid_bh, H, sdo_b, sdo_h) + rows.to(tl.int64)[:, None] * sdo_l + d[None, :],
-                 mask=ok, other=0.0).to(tl.float32)
-    tl.store(DELTA + pid_bh.to(tl.int64) * L + rows, tl.sum(o * do, 1), mask=rows < L)
+    bh, start_m = pid // m_tiles, (pid % m_tiles) * BLOCK_M
+    b, h = bh // H, bh % H
+    o = _load(o_desc, b, h, start_m, 0, BLOCK_M, HEAD_DIM, BHLD).to(tl.float32)
+    do = _load(do_desc, b, h, start_m, 0, BLOCK_M, HEAD_DIM, BHLD).to(tl.float32)
+    rows = start_m + tl.arange(0, BLOCK_M)
+    tl.store(DELTA + bh.to(tl.int64) * L + rows, tl.sum(o * do, 1), mask=rows < L)
 
 
 @triton.jit
-def _probabilities(q, k, lse2, rows, cols, L_Q, L_K, qk_scale, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """Recompute P = softmax rows from the saved log2-sum-exp; zero outside the valid block."""
-    s = mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), PRECISION)
+def _probabilities(s, lse2, rows, cols, L_Q, L_K, qk_scale):
+    """P recomputed from scores and the saved log2-sum-exp; zero outside the valid block."""
     p = tl.math.exp2(s * qk_scale - lse2[:, None])
     return tl.where((rows < L_Q)[:, None] & (cols < L_K)[None, :], p, 0.0)
 
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, POS, COS, SIN,
-    sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sdo_b, sdo_h, sdo_l,
-    sdk_b, sdk_h, sdk_l, sdv_b, sdv_h, sdv_l, spos_b, spos_l, spos_c,
-    H, L_Q, L_K, n_tiles, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, PRECISION: tl.constexpr,
+    q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, q4_desc, k4_desc, dk4_desc,
+    LSE, DELTA, POS, COS, SIN, spos_b, spos_l, spos_c, H, L_Q, L_K, n_tiles, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BHLD: tl.constexpr,
+    ROPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    pid_bh, pid_n = pid // n_tiles, pid % n_tiles
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    pos = _positions(POS, pid_bh, H, spos_b, ROPE)
-    k = _load_rows(K + _head_offsets(pid_bh, H, sk_b, sk_h), cols, sk_l, L_K, pos, spos_l, spos_c, COS, SIN,
-                   BLOCK_N, HEAD_DIM, ROPE, True, PRECISION)
-    v = _load_rows(V + _head_offsets(pid_bh, H, sv_b, sv_h), cols, sv_l, L_K, pos, spos_l, spos_c, COS, SIN,
-                   BLOCK_N, HEAD_DIM, False, True, PRECISION)
-    q_ptr = Q + _head_offsets(pid_bh, H, sq_b, sq_h)
-    do_ptr = DO + _head_offsets(pid_bh, H, sdo_b, sdo_h)
-    row_stats = pid_bh.to(tl.int64) * L_Q
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    bh, start_n = pid // n_tiles, (pid % n_tiles) * BLOCK_N
+    b, h = bh // H, bh % H
+    pos_b = b.to(tl.int64) * spos_b
+    QUARTER: tl.constexpr = HEAD_DIM // 4
+    cols = start_n + tl.arange(0, BLOCK_N)
+    k0, k1, k2, k3 = _q_or_k(k_desc, k4_desc, b, h, start_n, L_K, POS, COS, SIN, pos_b, spos_l, spos_c,
+                             BLOCK_N, HEAD_DIM, BHLD, ROPE, PRECISION)
+    v = _load(v_desc, b, h, start_n, 0, BLOCK_N, HEAD_DIM, BHLD)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    if ROPE:
+        dk0 = tl.zeros([BLOCK_N, QUARTER], dtype=tl.float32)
+        dk1 = tl.zeros([BLOCK_N, QUARTER], dtype=tl.float32)
+        dk2 = tl.zeros([BLOCK_N, QUARTER], dtype=tl.float32)
+        dk3 = tl.zeros([BLOCK_N, QUARTER], dtype=tl.float32)
+    else:
+        dk0 = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    stats = bh.to(tl.int64) * L_Q
     for start_m in range(0, L_Q, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        q = _load_rows(q_ptr, rows, sq_l, L_Q, pos, spos_l, spos_c, COS, SIN, BLOCK_M, HEAD_DIM, ROPE, True, PRECISION)
-        do = _load_rows(do_ptr, rows, sdo_l, L_Q, pos, spos_l, spos_c, COS, SIN, BLOCK_M, HEAD_DIM, False, True, PRECISION)
-        lse2 = tl.load(LSE + row_stats + rows, mask=rows < L_Q, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + row_stats + rows, mask=rows < L_Q, other=0.0)
-        p = _probabilities(q, k, lse2, rows, cols, L_Q, L_K, qk_scale, BLOCK_N, PRECISION)
+        q0, q1, q2, q3 = _q_or_k(q_desc, q4_desc, b, h, start_m, L_Q, POS, COS, SIN, pos_b, spos_l, spos_c,
+                                 BLOCK_M, HEAD_DIM, BHLD, ROPE, PRECISION)
+        do = _load(do_desc, b, h, start_m, 0, BLOCK_M, HEAD_DIM, BHLD)
+        lse2 = tl.load(LSE + stats + rows, mask=rows < L_Q, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + stats + rows, mask=rows < L_Q, other=0.0)
+        s = _scores(q0, q1, q2, q3, k0, k1, k2, k3, BLOCK_M, BLOCK_N, ROPE, PRECISION)
+        p = _probabilities(s, lse2, rows, cols, L_Q, L_K, qk_scale)
         dv = mma(tl.trans(cast(p, do.dtype, PRECISION)), do, dv, PRECISION)
         dp = mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk = mma(tl.trans(cast(ds, q.dtype, PRECISION)), q, dk, PRECISION)
-    dk *= sm_scale
+        ds_t = tl.trans(cast(p * (dp - delta[:, None]), do.dtype, PRECISION))
+        dk0 = mma(ds_t, q0, dk0, PRECISION)
+        if ROPE:
+            dk1 = mma(ds_t, q1, dk1, PRECISION)
+            dk2 = mma(ds_t, q2, dk2, PRECISION)
+            dk3 = mma(ds_t, q3, dk3, PRECISION)
+    _store(dv_desc, b, h, start_n, 0, cast(dv, dv_desc.dtype, PRECISION), BLOCK_N, HEAD_DIM, BHLD)
     if ROPE:
-        pos_y, pos_x = _load_positions(pos, cols, L_K, spos_l, spos_c)
-        dk = _rope(dk, pos_y, pos_x, COS, SIN, BLOCK_N, HEAD_DIM, True)
-    d = tl.arange(0, HEAD_DIM)
-    ok = (cols < L_K)[:, None]
-    tl.store(DK + _head_offsets(pid_bh, H, sdk_b, sdk_h) + cols.to(tl.int64)[:, None] * sdk_l + d[None, :],
-             cast(dk, DK.dtype.element_ty, PRECISION), mask=ok)
-    tl.store(DV + _head_offsets(pid_bh, H, sdv_b, sdv_h) + cols.to(tl.int64)[:, None] * sdv_l + d[None, :],
-             cast(dv, DV.dtype.element_ty, PRECISION), mask=ok)
+        _store_unrotated(dk4_desc, b, h, start_n, dk0 * sm_scale, dk1 * sm_scale, dk2 * sm_scale, dk3 * sm_scale,
+                         L_K, POS, COS, SIN, pos_b, spos_l, spos_c, BLOCK_N, QUARTER, BHLD, PRECISION)
+    else:
+        _store(dk_desc, b, h, start_n, 0, cast(dk0 * sm_scale, dk_desc.dtype, PRECISION), BLOCK_N, HEAD_DIM, BHLD)
 
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, POS, COS, SIN,
-    sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sdo_b, sdo_h, sdo_l, sdq_b, sdq_h, sdq_l, spos_b, spos_l, spos_c,
-    H, L_Q, L_K, m_tiles, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, PRECISION: tl.constexpr,
+    q_desc, k_desc, v_desc, do_desc, dq_desc, q4_desc, k4_desc, dq4_desc,
+    LSE, DELTA, POS, COS, SIN, spos_b, spos_l, spos_c, H, L_Q, L_K, m_tiles, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BHLD: tl.constexpr,
+    ROPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    pid_bh, pid_m = pid // m_tiles, pid % m_tiles
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pos = _positions(POS, pid_bh, H, spos_b, ROPE)
-    q = _load_rows(Q + _head_offsets(pid_bh, H, sq_b, sq_h), rows, sq_l, L_Q, pos, spos_l, spos_c, COS, SIN,
-                   BLOCK_M, HEAD_DIM, ROPE, True, PRECISION)
-    do = _load_rows(DO + _head_offsets(pid_bh, H, sdo_b, sdo_h), rows, sdo_l, L_Q, pos, spos_l, spos_c, COS, SIN,
-                    BLOCK_M, HEAD_DIM, False, True, PRECISION)
-    row_stats = pid_bh.to(tl.int64) * L_Q
-    lse2 = tl.load(LSE + row_stats + rows, mask=rows < L_Q, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + row_stats + rows, mask=rows < L_Q, other=0.0)
-    k_ptr = K + _head_offsets(pid_bh, H, sk_b, sk_h)
-    v_ptr = V + _head_offsets(pid_bh, H, sv_b, sv_h)
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    bh, start_m = pid // m_tiles, (pid % m_tiles) * BLOCK_M
+    b, h = bh // H, bh % H
+    pos_b = b.to(tl.int64) * spos_b
+    QUARTER: tl.constexpr = HEAD_DIM // 4
+    rows = start_m + tl.arange(0, BLOCK_M)
+    q0, q1, q2, q3 = _q_or_k(q_desc, q4_desc, b, h, start_m, L_Q, POS, COS, SIN, pos_b, spos_l, spos_c,
+                             BLOCK_M, HEAD_DIM, BHLD, ROPE, PRECISION)
+    do = _load(do_desc, b, h, start_m, 0, BLOCK_M, HEAD_DIM, BHLD)
+    stats = bh.to(tl.int64) * L_Q
+    lse2 = tl.load(LSE + stats + rows, mask=rows < L_Q, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + stats + rows, mask=rows < L_Q, other=0.0)
+    if ROPE:
+        dq0 = tl.zeros([BLOCK_M, QUARTER], dtype=tl.float32)
+        dq1 = tl.zeros([BLOCK_M, QUARTER], dtype=tl.float32)
+        dq2 = tl.zeros([BLOCK_M, QUARTER], dtype=tl.float32)
+        dq3 = tl.zeros([BLOCK_M, QUARTER], dtype=tl.float32)
+    else:
+        dq0 = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for start_n in range(0, L_K, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_ptr, cols, sk_l, L_K, pos, spos_l, spos_c, COS, SIN, BLOCK_N, HEAD_DIM, ROPE, True, PRECISION)
-        v = _load_rows(v_ptr, cols, sv_l, L_K, pos, spos_l, spos_c, COS, SIN, BLOCK_N, HEAD_DIM, False, True, PRECISION)
-        p = _probabilities(q, k, lse2, rows, cols, L_Q, L_K, qk_scale, BLOCK_N, PRECISION)
+        k0, k1, k2, k3 = _q_or_k(k_desc, k4_desc, b, h, start_n, L_K, POS, COS, SIN, pos_b, spos_l, spos_c,
+                                 BLOCK_N, HEAD_DIM, BHLD, ROPE, PRECISION)
+        v = _load(v_desc, b, h, start_n, 0, BLOCK_N, HEAD_DIM, BHLD)
+        s = _scores(q0, q1, q2, q3, k0, k1, k2, k3, BLOCK_M, BLOCK_N, ROPE, PRECISION)
+        p = _probabilities(s, lse2, rows, cols, L_Q, L_K, qk_scale)
         dp = mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = mma(cast(ds, k.dtype, PRECISION), k, dq, PRECISION)
-    dq *= sm_scale
+        ds = cast(p * (dp - delta[:, None]), do.dtype, PRECISION)
+        dq0 = mma(ds, k0, dq0, PRECISION)
+        if ROPE:
+            dq1 = mma(ds, k1, dq1, PRECISION)
+            dq2 = mma(ds, k2, dq2, PRECISION)
+            dq3 = mma(ds, k3, dq3, PRECISION)
     if ROPE:
-        pos_y, pos_x = _load_positions(pos, rows, L_Q, spos_l, spos_c)
-        dq = _rope(dq, pos_y, pos_x, COS, SIN, BLOCK_M, HEAD_DIM, True)
-    d = tl.arange(0, HEAD_DIM)
-    tl.store(DQ + _head_offsets(pid_bh, H, sdq_b, sdq_h) + rows.to(tl.int64)[:, None] * sdq_l + d[None, :],
-             cast(dq, DQ.dtype.element_ty, PRECISION), mask=(rows < L_Q)[:, None])
+        _store_unrotated(dq4_desc, b, h, start_m, dq0 * sm_scale, dq1 * sm_scale, dq2 * sm_scale, dq3 * sm_scale,
+                         L_Q, POS, COS, SIN, pos_b, spos_l, spos_c, BLOCK_M, QUARTER, BHLD, PRECISION)
+    else:
+        _store(dq_desc, b, h, start_m, 0, cast(dq0 * sm_scale, dq_desc.dtype, PRECISION), BLOCK_M, HEAD_DIM, BHLD)
 
 
-# ---------------------------------------------------------------------- launchers
-FWD_BLOCKS = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+# ------------------------------------------------------------------- launchers
+FWD_BLOCKS = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
 BWD_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 
 
@@ -288,11 +316,19 @@ def _rope_inputs(pos: torch.Tensor, head_dim: int, base: float) -> tuple[torch.T
     return (pos, *rope_tables(highest + 1, head_dim, base, pos.device))
 
 
-def _strides(t: torch.Tensor, layout: str) -> tuple[int, int, int]:
-    """(batch, head, token) strides of a 4-D tensor in the given layout."""
-    if layout == "BLHD":
-        return t.stride(0), t.stride(2), t.stride(1)
-    return t.stride(0), t.stride(1), t.stride(2)
+def _tma_ready(t: torch.Tensor) -> torch.Tensor:
+    """t itself if TMA can address it (16-byte aligned base and strides), else a contiguous copy."""
+    aligned = t.data_ptr() % 16 == 0 and all(
+        s > 0 and (s * t.element_size()) % 16 == 0 for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
+    return t if aligned else t.contiguous()
+
+
+def _descriptor(t: torch.Tensor, layout: str, rows: int, cols: int) -> TensorDescriptor:
+    """Rank-4 descriptor over t's own layout, loading (rows tokens x cols features) of one head."""
+    # A size-1 dimension is only ever indexed at 0: give it any TMA-legal stride.
+    strides = [s if n > 1 else t.shape[-1] for s, n in zip(t.stride()[:-1], t.shape[:-1])] + [1]
+    block = [1, rows, 1, cols] if layout == "BLHD" else [1, 1, rows, cols]
+    return TensorDescriptor(t, list(t.shape), strides, block)
 
 
 def _dims(t: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
@@ -309,46 +345,53 @@ def _rope_args(rope) -> tuple:
 
 
 def attention_forward(q, k, v, scale: float, layout: str, rope=None, return_lse: bool = False, **blocks):
-    """-> (out in q's layout, lse (B, H, L_Q) fp32 or None)."""
+    """-> (out in q's layout, contiguous; lse (B, H, L_Q) fp32 or None)."""
+    q, k, v = (_tma_ready(t) for t in (q, k, v))
     b, h, l_q, d = _dims(q, layout)
     l_k = _dims(k, layout)[2]
     cfg = {**FWD_BLOCKS, **blocks}
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((b, h, l_q), dtype=torch.float32, device=q.device) if return_lse else None
-    pos, cos, sin, spos_b, spos_l, spos_c = _rope_args(rope)
-    m_tiles = triton.cdiv(l_q, cfg["BLOCK_M"])
+    quarter = (lambda t, rows: _descriptor(t, layout, rows, d // 4)) if rope is not None else (lambda t, rows: None)
+    m_tiles = triton.cdiv(l_q, bm)
     _attn_fwd[(b * h * m_tiles,)](
-        q, k, v, out, lse, pos, cos, sin,
-        *_strides(q, layout), *_strides(k, layout), *_strides(v, layout), *_strides(out, layout), spos_b, spos_l, spos_c,
+        _descriptor(q, layout, bm, d), _descriptor(k, layout, bn, d), _descriptor(v, layout, bn, d),
+        _descriptor(out, layout, bm, d), quarter(q, bm), quarter(k, bn), lse, *_rope_args(rope),
         h, l_q, l_k, m_tiles, scale * LOG2E,
-        HEAD_DIM=d, ROPE=rope is not None, RETURN_LSE=return_lse, PRECISION=precision(q.dtype), **cfg,
+        HEAD_DIM=d, BHLD=layout == "BHLD", ROPE=rope is not None, RETURN_LSE=return_lse,
+        PRECISION=precision(q.dtype), **cfg,
     )
     return out, lse
 
 
 def attention_backward(do, q, k, v, out, lse, scale: float, layout: str, rope=None, **blocks):
     """-> (dq, dk, dv), each contiguous in ``layout``."""
+    do, q, k, v = (_tma_ready(t) for t in (do, q, k, v))
     b, h, l_q, d = _dims(q, layout)
     l_k = _dims(k, layout)[2]
     cfg = {**BWD_BLOCKS, **blocks}
-    do = do if do.stride(-1) == 1 else do.contiguous()
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    m_tiles, n_tiles = triton.cdiv(l_q, bm), triton.cdiv(l_k, bn)
+    bhld = layout == "BHLD"
     delta = torch.empty((b, h, l_q), dtype=torch.float32, device=q.device)
-    m_tiles = triton.cdiv(l_q, cfg["BLOCK_M"])
-    n_tiles = triton.cdiv(l_k, cfg["BLOCK_N"])
-    _bwd_delta[(b * h * m_tiles,)](out, do, delta, *_strides(out, layout), *_strides(do, layout), h, l_q, m_tiles,
-                                   HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"])
+    _bwd_delta[(b * h * m_tiles,)](_descriptor(out, layout, bm, d), _descriptor(do, layout, bm, d), delta,
+                                   h, l_q, m_tiles, HEAD_DIM=d, BLOCK_M=bm, BHLD=bhld)
     dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
-    pos, cos, sin, spos_b, spos_l, spos_c = _rope_args(rope)
-    common = dict(HEAD_DIM=d, ROPE=rope is not None, PRECISION=precision(q.dtype), **cfg)
-    strides_in = (*_strides(q, layout), *_strides(k, layout), *_strides(v, layout), *_strides(do, layout))
+    quarter = (lambda t, rows: _descriptor(t, layout, rows, d // 4)) if rope is not None else (lambda t, rows: None)
+    common = {"HEAD_DIM": d, "BHLD": bhld, "ROPE": rope is not None, "PRECISION": precision(q.dtype), **cfg}
+    rope_args = _rope_args(rope)
     _attn_bwd_dkdv[(b * h * n_tiles,)](
-        q, k, v, do, lse, delta, dk, dv, pos, cos, sin, *strides_in,
-        *_strides(dk, layout), *_strides(dv, layout), spos_b, spos_l, spos_c,
-        h, l_q, l_k, n_tiles, scale * LOG2E, scale, **common,
+        _descriptor(q, layout, bm, d), _descriptor(k, layout, bn, d), _descriptor(v, layout, bn, d),
+        _descriptor(do, layout, bm, d), _descriptor(dk, layout, bn, d), _descriptor(dv, layout, bn, d),
+        quarter(q, bm), quarter(k, bn), quarter(dk, bn),
+        lse, delta, *rope_args, h, l_q, l_k, n_tiles, scale * LOG2E, scale, **common,
     )
     _attn_bwd_dq[(b * h * m_tiles,)](
-        q, k, v, do, lse, delta, dq, pos, cos, sin, *strides_in, *_strides(dq, layout), spos_b, spos_l, spos_c,
-        h, l_q, l_k, m_tiles, scale * LOG2E, scale, **common,
+        _descriptor(q, layout, bm, d), _descriptor(k, layout, bn, d), _descriptor(v, layout, bn, d),
+        _descriptor(do, layout, bm, d), _descriptor(dq, layout, bm, d),
+        quarter(q, bm), quarter(k, bn), quarter(dq, bm),
+        lse, delta, *rope_args, h, l_q, l_k, m_tiles, scale * LOG2E, scale, **common,
     )
     return dq, dk, dv
 
@@ -394,7 +437,8 @@ def attention(
        by RoPE-2D with ``rope_base`` inside the kernel (self-attention, L_Q == L_K).
     return_lse: also return the natural-log sum-exp of each row's scaled scores,
        (B, H, L_Q) fp32, to merge partial attentions computed over key shards.
-    Returns the output in q's layout (and the LSE).
+    Returns the output in q's layout (and the LSE). Views whose base or strides are not
+    16-byte aligned are copied once (the kernels read through TMA descriptors).
     """
     _check(q, k, v, layout, rope_pos)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -415,6 +459,8 @@ def _check(q, k, v, layout, rope_pos) -> None:
             raise TypeError(f"{name} is {t.dtype} but q is {q.dtype}; pass q, k, v in one dtype")
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last (head) dimension; pass {name}.contiguous()")
+        if 0 in t.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; every dimension must be non-empty")
     (b, h, _, d), (bk, hk, lk, dk), (bv, hv, lv, dv) = (_dims(t, layout) for t in (q, k, v))
     if d not in HEAD_DIMS:
         raise ValueError(f"head dim {d} is not supported; supported head dims: {HEAD_DIMS}")
