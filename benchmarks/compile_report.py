@@ -37,7 +37,8 @@ def report(kernel, signature: dict, constexprs: dict, num_warps: int, num_stages
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
     regs = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     ptx = compiled.asm["ptx"]
     shown = {k: v for k, v in constexprs.items() if k not in ("PRECISION",)}
@@ -51,7 +52,7 @@ def desc(dtype: str, block: list[int]) -> str:
 
 
 def attention_forward(bm: int, bn: int, d: int, rope: bool, w: int, s: int, dtype: str = "bf16") -> str:
-    blk = lambda rows, cols: desc(dtype, [1, rows, 1, cols])  # noqa: E731
+    blk = lambda rows, cols: desc(dtype, [1, rows, 1, cols])
     sig = {"q_desc": blk(bm, d), "k_desc": blk(bn, d), "v_desc": blk(bn, d), "o_desc": blk(bm, d),
            "q4_desc": blk(bm, d // 4) if rope else "constexpr", "k4_desc": blk(bn, d // 4) if rope else "constexpr",
            "LSE": "*fp32", "POS": "*i64" if rope else "constexpr", "COS": "*fp32" if rope else "constexpr",
