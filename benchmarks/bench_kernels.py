@@ -45,21 +45,32 @@ ATTENTION_SHAPES = {  # name: (batch, heads, tokens)
     "fusion_294k": (1, 16, 294000),
 }
 HEAD_DIM = 64
-# Configurations that compile without spills for sm_90 (benchmarks/compile_report.py).
-FWD_SWEEP = [
-    {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
-    for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for s in (2, 3, 4)
-    if not (bm == 128 and bn == 128 and w == 4)
-] + [{"BLOCK_M": 256, "BLOCK_N": 64, "num_warps": w, "num_stages": s} for w, s in ((8, 3), (16, 2), (16, 3))]
+# Sweeps (configurations that compile without spills for sm_90: benchmarks/compile_report.py).
+# Round 1 swept 24 tile shapes; round 2 keeps the best few and adds the softmax options.
+FUSION_TILES = [(64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 3), (128, 64, 4, 4)]
+FUSION_SWEEP = [
+    {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st, "LAZY_RESCALE": lazy, "FMA_SHARE": share}
+    for bm, bn, w, st in FUSION_TILES for lazy in (False, True) for share in (0, 25, 50)
+]
+LONG_SWEEP = [c for c in FUSION_SWEEP if (c["BLOCK_M"], c["BLOCK_N"], c["num_stages"]) in ((64, 64, 3), (64, 128, 3))]
+ENCODER_TILES = [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (256, 64, 8, 3), (256, 64, 16, 2)]
+ENCODER_SWEEP = [
+    {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st, "MASK_EVERY_TILE": every}
+    for bm, bn, w, st in ENCODER_TILES for every in (False, True)
+]
 BWD_SWEEP = [
     {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
     for bm in (32, 64, 128) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3)
     if bm * bn <= 128 * 64
 ]
-LN_SWEEP = [{"rows": r, "num_warps": w} for r in (1, 2, 4, 8) for w in (2, 4, 8, 16) if r * 1024 // (w * 32) >= 4]
-PATCH_SWEEP = [{"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_K": bk, "num_warps": w, "num_stages": s}
-               for bm, bd in ((128, 128), (128, 256), (64, 128), (256, 128)) for bk in (32, 64)
-               for w in (4, 8) for s in (3, 4)]
+LN_SWEEP = [{"rows": r, "num_warps": w} for r in (2, 4, 8) for w in (4, 8, 16) if r * 1024 // (w * 32) >= 4]
+LN_BWD_SWEEP = [{"rows": r, "num_warps": w, "rows_per_program": rpp}
+                for r in (4, 8) for w in (4, 8) for rpp in (32, 64, 128, 256, 512)]
+PATCH_SWEEP = [{"method": "gather", "BLOCK_M": 128, "BLOCK_D": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4}] + [
+    {"method": "tma", "BLOCK_M": bm, "BLOCK_D": bd, "num_warps": w, "num_stages": st}
+    for bm in (64, 128, 256) for bd in (128, 256) for w in (4, 8) for st in (4, 6)
+    if not (bm == 256 and bd == 256) and not (bm * bd >= 128 * 256 and w == 4)
+]
 
 
 class Recorder:
@@ -118,11 +129,17 @@ def sdpa(q, k, v, backend: str, scale: float):
 
 def bench_attention_forward(rec: Recorder, sweep: bool) -> None:
     for b, h, l in ATTENTION_SHAPES.values():
-        attention_forward_shape(rec, b, h, l, sweep and l <= 65536)
+        if not sweep:
+            configs = []
+        elif l < 4096:
+            configs = ENCODER_SWEEP
+        else:
+            configs = FUSION_SWEEP if l <= 65536 else LONG_SWEEP
+        attention_forward_shape(rec, b, h, l, configs)
         torch.cuda.empty_cache()
 
 
-def attention_forward_shape(rec: Recorder, b: int, h: int, l: int, sweep: bool) -> None:
+def attention_forward_shape(rec: Recorder, b: int, h: int, l: int, configs: list[dict]) -> None:
     qkv = packed_qkv(b, h, l)
     q, k, v = qkv.unbind(2)  # BLHD views, as the model produces them
     qh, kh, vh = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # SDPA's own layout
@@ -132,7 +149,7 @@ def attention_forward_shape(rec: Recorder, b: int, h: int, l: int, sweep: bool) 
         out = rec.measure("attention_fwd", shape, f"torch_{backend}", lambda be=backend: sdpa(qh, kh, vh, be, scale),
                           flop=flop)
         ref = out.transpose(1, 2) if ref is None and out is not None else ref
-    for cfg in [None] + (FWD_SWEEP if sweep else []):
+    for cfg in [None, *configs]:
         rec.measure("attention_fwd", shape, impl_name("ours", cfg),
                     lambda c=cfg: attention_forward(q, k, v, scale, "BLHD", **(c or {}))[0],
                     flop=flop, ref=ref, config=cfg)
@@ -162,7 +179,7 @@ def attention_rope_shape(rec: Recorder, b: int, h: int, l: int, grid: tuple[int,
         ref = out if ref is None else ref
     q, k, v = qkv.unbind(2)
     tables = (pos, *rope_tables(max(grid), HEAD_DIM, 100.0, pos.device))
-    for cfg in [None] + (FWD_SWEEP if sweep else []):
+    for cfg in [None] + (ENCODER_SWEEP if sweep else []):
         rec.measure("attention_fwd_rope", shape, impl_name("ours", cfg),
                     lambda c=cfg: attention_forward(q, k, v, scale, "BLHD", tables, **(c or {}))[0].view(b, l, -1),
                     flop=flop, ref=ref, config=cfg)
@@ -240,7 +257,7 @@ def layer_norm_backward_bf16(rec: Recorder, sweep: bool) -> None:
     ref = rec.measure("layer_norm_bwd", shape, "torch", lambda: torch.autograd.grad(out, leaves, dy, retain_graph=True),
                       bytes_moved=moved)
     _, _, mean, rstd = layer_norm_forward(x, w, bias, 1e-6)
-    for cfg in [None] + (LN_SWEEP if sweep else []):
+    for cfg in [None] + (LN_BWD_SWEEP if sweep else []):
         rec.measure("layer_norm_bwd", shape, impl_name("ours", cfg),
                     lambda c=cfg: layer_norm_backward(dy, x, w, mean, rstd, **(c or {})),
                     bytes_moved=moved, ref=ref, config=cfg)

@@ -41,17 +41,19 @@ def report(kernel, signature: dict, constexprs: dict, num_warps: int, num_stages
                                check=True).stdout
     regs = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     ptx = compiled.asm["ptx"]
-    shown = {k: v for k, v in constexprs.items() if k not in ("PRECISION",)}
+    shown = {k: v for k, v in constexprs.items() if v is not None and k not in ("PRECISION", "HEAD_DIM")}
     return (f"{kernel.__name__} {shown} w{num_warps} s{num_stages}: {regs.group(0)} smem={compiled.metadata.shared} "
             f"wgmma={ptx.count('wgmma.mma_async')} tma_loads={ptx.count('cp.async.bulk.tensor')} "
-            f"ex2={ptx.count('ex2.approx')} ({time.time() - start:.1f}s)")
+            f"ex2={ptx.count('ex2.approx')} shared_ld/st={ptx.count('ld.shared')}/{ptx.count('st.shared')} "
+            f"({time.time() - start:.1f}s)")
 
 
 def desc(dtype: str, block: list[int]) -> str:
     return f"tensordesc<{dtype}[{','.join(map(str, block))}]>"
 
 
-def attention_forward(bm: int, bn: int, d: int, rope: bool, w: int, s: int, dtype: str = "bf16") -> str:
+def attention_forward(bm: int, bn: int, d: int, rope: bool, w: int, s: int, dtype: str = "bf16",
+                      lazy: bool = False, fma_share: int = 0) -> str:
     blk = lambda rows, cols: desc(dtype, [1, rows, 1, cols])
     sig = {"q_desc": blk(bm, d), "k_desc": blk(bn, d), "v_desc": blk(bn, d), "o_desc": blk(bm, d),
            "q4_desc": blk(bm, d // 4) if rope else "constexpr", "k4_desc": blk(bn, d // 4) if rope else "constexpr",
@@ -59,7 +61,7 @@ def attention_forward(bm: int, bn: int, d: int, rope: bool, w: int, s: int, dtyp
            "SIN": "*fp32" if rope else "constexpr", "spos_b": "i32", "spos_l": "i32", "spos_c": "i32",
            "H": "i32", "L_Q": "i32", "L_K": "i32", "m_tiles": "i32", "qk_scale": "fp32"}
     consts = {"HEAD_DIM": d, "BLOCK_M": bm, "BLOCK_N": bn, "BHLD": False, "ROPE": rope, "RETURN_LSE": False,
-              "PRECISION": "native"}
+              "LAZY_RESCALE": lazy, "FMA_SHARE": fma_share, "PRECISION": "native"}
     if not rope:
         consts.update({"q4_desc": None, "k4_desc": None, "POS": None, "COS": None, "SIN": None})
     return report(attention._attn_fwd, sig, consts, w, s)

@@ -30,13 +30,6 @@ def check_float(name: str, tensor: torch.Tensor) -> None:
         raise TypeError(f"{name} has dtype {tensor.dtype}; supported: bfloat16, float16, float32")
 
 
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors to size persistent grids by (a small constant under the interpreter)."""
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def precision(dtype: torch.dtype) -> str:
     """How kernels on ``dtype`` tiles multiply and round; see ``mma`` and ``cast``."""
     if dtype == torch.float32:
