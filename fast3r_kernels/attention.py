@@ -123,59 +123,13 @@ def _scores(a0, a1, a2, a3, b0, b1, b2, b3, ROWS: tl.constexpr, COLS: tl.constex
     return s
 
 
-# ------------------------------------------------------------------ softmax
-@triton.jit
-def _exp2_fma(x):
-    """2^x for x <= 0 on the FMA pipe, off the 16-per-clock MUFU unit that tl.math.exp2 uses.
-
-    Adding 1.5 * 2^23 rounds x to an integer n held in the low mantissa bits; 2^(x - n)
-    with |x - n| <= 1/2 is a cubic (max relative error 1.03e-4, far below bf16's 3.9e-3),
-    and 2^n is added straight into the exponent bits.
-    """
-    x = tl.maximum(x, -126.0)
-    shifted = x + 12582912.0
-    frac = x - (shifted - 12582912.0)
-    poly = ((0.0550045445561409 * frac + 0.24220572412014008) * frac + 0.6932830214500427) * frac + 1.0
-    n = shifted.to(tl.int32, bitcast=True) - 0x4B400000
-    return (poly.to(tl.int32, bitcast=True) + (n << 23)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _split_blocks(x, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """Columns of x in alternate 8-wide blocks (even blocks, odd blocks); each thread holds both."""
-    even, odd = tl.split(tl.permute(tl.reshape(x, (ROWS, COLS // 16, 2, 8)), (0, 1, 3, 2)))
-    return tl.reshape(even, (ROWS, COLS // 2)), tl.reshape(odd, (ROWS, COLS // 2))
-
-
-@triton.jit
-def _join_blocks(even, odd, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """Inverse of _split_blocks."""
-    even = tl.reshape(even, (ROWS, COLS // 16, 8))
-    odd = tl.reshape(odd, (ROWS, COLS // 16, 8))
-    return tl.reshape(tl.permute(tl.join(even, odd), (0, 1, 3, 2)), (ROWS, COLS))
-
-
-@triton.jit
-def _exp2(x, ROWS: tl.constexpr, COLS: tl.constexpr, FMA_SHARE: tl.constexpr):
-    """2^x with FMA_SHARE percent (0, 25 or 50) of the columns computed by _exp2_fma."""
-    if FMA_SHARE == 0:
-        return tl.math.exp2(x)
-    even, odd = _split_blocks(x, ROWS, COLS)
-    if FMA_SHARE == 50:
-        return _join_blocks(tl.math.exp2(even), _exp2_fma(odd), ROWS, COLS)
-    odd_a, odd_b = _split_blocks(odd, ROWS, COLS // 2)
-    odd = _join_blocks(tl.math.exp2(odd_a), _exp2_fma(odd_b), ROWS, COLS // 2)
-    return _join_blocks(tl.math.exp2(even), odd, ROWS, COLS)
-
-
 # --------------------------------------------------------------------- forward
 @triton.jit
 def _attn_fwd(
     q_desc, k_desc, v_desc, o_desc, q4_desc, k4_desc, LSE, POS, COS, SIN, spos_b, spos_l, spos_c,
     H, L_Q, L_K, m_tiles, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BHLD: tl.constexpr,
-    ROPE: tl.constexpr, RETURN_LSE: tl.constexpr, MASK_EVERY_TILE: tl.constexpr, LAZY_RESCALE: tl.constexpr,
-    FMA_SHARE: tl.constexpr, PRECISION: tl.constexpr,
+    ROPE: tl.constexpr, RETURN_LSE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh, start_m = pid // m_tiles, (pid % m_tiles) * BLOCK_M
@@ -186,17 +140,17 @@ def _attn_fwd(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    # MASK_EVERY_TILE (short sequences): one loop, so the copy engine prefetches the tail tile too.
-    # Otherwise full tiles run unmasked and the ragged last tile, if any, is masked on its own.
-    full = L_K if MASK_EVERY_TILE else (L_K // BLOCK_N) * BLOCK_N
-    for start_n in range(0, full, BLOCK_N):
+    # Full tiles run unmasked and the ragged last tile, if any, is masked on its own; warp
+    # specialization needs the loop to be the whole K/V stream, so it masks every tile instead.
+    full = L_K if WARP_SPECIALIZE else (L_K // BLOCK_N) * BLOCK_N
+    for start_n in tl.range(0, full, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q0, q1, q2, q3, k_desc, k4_desc, v_desc, b, h, start_n, L_K,
                                   POS, COS, SIN, pos_b, spos_l, spos_c, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                  BHLD, ROPE, MASK_EVERY_TILE, LAZY_RESCALE, FMA_SHARE, PRECISION)
+                                  BHLD, ROPE, WARP_SPECIALIZE, PRECISION)
     if full < L_K:
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q0, q1, q2, q3, k_desc, k4_desc, v_desc, b, h, full, L_K,
                                   POS, COS, SIN, pos_b, spos_l, spos_c, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                  BHLD, ROPE, True, LAZY_RESCALE, FMA_SHARE, PRECISION)
+                                  BHLD, ROPE, True, PRECISION)
     out = cast(acc / l_i[:, None], o_desc.dtype, PRECISION)
     _store(o_desc, b, h, start_m, 0, out, BLOCK_M, HEAD_DIM, BHLD)
     if RETURN_LSE:  # natural-log sum-exp of the scaled scores, (B, H, L_Q) fp32
@@ -209,35 +163,19 @@ def _attn_fwd(
 def _fwd_tile(acc, m_i, l_i, q0, q1, q2, q3, k_desc, k4_desc, v_desc, b, h, start_n, L_K,
               POS, COS, SIN, pos_b, spos_l, spos_c, qk_scale,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BHLD: tl.constexpr,
-              ROPE: tl.constexpr, MASK: tl.constexpr, LAZY_RESCALE: tl.constexpr, FMA_SHARE: tl.constexpr,
-              PRECISION: tl.constexpr):
+              ROPE: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
     k0, k1, k2, k3 = _q_or_k(k_desc, k4_desc, b, h, start_n, L_K, POS, COS, SIN, pos_b, spos_l, spos_c,
                              BLOCK_N, HEAD_DIM, BHLD, ROPE, PRECISION)
     s = _scores(q0, q1, q2, q3, k0, k1, k2, k3, BLOCK_M, BLOCK_N, ROPE, PRECISION)
-    if MASK:  # keys past L_K were zero-filled: exclude them from the softmax
-        s = tl.where((start_n + tl.arange(0, BLOCK_N) < L_K)[None, :], s, float("-inf"))
+    if MASK:  # keys past L_K were zero-filled: a -inf column bias excludes them from the softmax
+        s += tl.where(start_n + tl.arange(0, BLOCK_N) < L_K, 0.0, float("-inf"))[None, :]
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    if LAZY_RESCALE:
-        # Keep the stale row max unless some row grew by more than 8 (log2 units): p then stays
-        # <= 256, and the (BLOCK_M x HEAD_DIM) rescale of the accumulator is skipped on most tiles.
-        if tl.max(m_new - m_i) > 8.0:
-            alpha = tl.math.exp2(m_i - m_new)
-            acc = acc * alpha[:, None]
-            l_i = l_i * alpha
-            m_i = m_new
-    else:
-        alpha = tl.math.exp2(m_i - m_new)
-        acc = acc * alpha[:, None]
-        l_i = l_i * alpha
-        m_i = m_new
-    if MASK:  # keep the tail tile exact: masked scores are -inf, which only MUFU exp2 maps to 0
-        p = tl.math.exp2(s * qk_scale - m_i[:, None])
-    else:
-        p = _exp2(s * qk_scale - m_i[:, None], BLOCK_M, BLOCK_N, FMA_SHARE)
-    l_i += tl.sum(p, 1)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
     v = _load(v_desc, b, h, start_n, 0, BLOCK_N, HEAD_DIM, BHLD)
-    acc = mma(cast(p, v.dtype, PRECISION), v, acc, PRECISION)
-    return acc, m_i, l_i
+    acc = mma(cast(p, v.dtype, PRECISION), v, acc * alpha[:, None], PRECISION)
+    return acc, m_new, l_i
 
 
 # -------------------------------------------------------------------- backward
@@ -359,9 +297,11 @@ def _attn_bwd_dq(
 
 
 # ------------------------------------------------------------------- launchers
-FWD_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "LAZY_RESCALE": False, "FMA_SHARE": 0}
+# Measured on the H100 (benchmarks/NOTES.md): 64x64 tiles in 4-warp CTAs, several per SM, for
+# every sequence length without RoPE; with RoPE, one 256-row tile per head (K is rotated once).
+FWD_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "WARP_SPECIALIZE": False}
+FWD_ROPE_BLOCKS = {"BLOCK_M": 256, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "WARP_SPECIALIZE": False}
 BWD_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-SHORT_SEQUENCE = 16  # key tiles up to which masking every tile beats a separate, unprefetched tail
 
 
 @functools.lru_cache(maxsize=16)
@@ -414,10 +354,7 @@ def attention_forward(q, k, v, scale: float, layout: str, rope=None, return_lse:
     q, k, v = (_tma_ready(t) for t in (q, k, v))
     b, h, l_q, d = _dims(q, layout)
     l_k = _dims(k, layout)[2]
-    cfg = {**FWD_BLOCKS, **blocks}
-    if q.dtype == torch.float32:  # fp32 inputs keep exact exponentials
-        cfg["FMA_SHARE"] = 0
-    cfg.setdefault("MASK_EVERY_TILE", l_k % cfg["BLOCK_N"] != 0 and l_k <= SHORT_SEQUENCE * cfg["BLOCK_N"])
+    cfg = {**(FWD_BLOCKS if rope is None else FWD_ROPE_BLOCKS), **blocks}
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((b, h, l_q), dtype=torch.float32, device=q.device) if return_lse else None

@@ -91,17 +91,20 @@ def _layer_norm_bwd(
     tl.store(DB_PART + pid * N + cols, db, mask=col_ok)
 
 
-def launch_shape(n: int, rows: int | None = None, num_warps: int | None = None) -> tuple[int, int, int]:
-    """(BLOCK_N, ROWS, num_warps): by default ~4K elements per program, 16 per thread.
+def launch_shape(n: int, rows: int | None, num_warps: int | None, backward: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, ROWS, num_warps); ``rows`` / ``num_warps`` override the defaults (for tuning).
 
-    Measured on the H100 at 294k x 1024 bf16 (benchmarks/NOTES.md): 4 rows x 8 warps
-    reads and writes at 2.69 TB/s, 90% of the device copy rate.
-
-    ``rows`` / ``num_warps`` override the table (used by benchmarks/bench_kernels.py to tune).
+    Defaults from the H100 sweep at 294k x 1024 bf16 (benchmarks/NOTES.md): forward 4 rows
+    x 8 warps (16 elements per thread, 2.67-2.69 TB/s), backward 8 rows x 4 warps (64 per
+    thread, 2.45 TB/s).
     """
     block_n = triton.next_power_of_2(n)
-    rows = rows or max(1, min(16, 4096 // block_n))
-    num_warps = num_warps or min(16, max(4, block_n * rows // 512))
+    if backward:
+        rows = rows or max(1, min(16, 8192 // block_n))
+        num_warps = num_warps or min(16, max(4, block_n * rows // 2048))
+    else:
+        rows = rows or max(1, min(16, 4096 // block_n))
+        num_warps = num_warps or min(16, max(4, block_n * rows // 512))
     return block_n, rows, num_warps
 
 
@@ -129,7 +132,7 @@ def layer_norm_forward(
     res_out = torch.empty_like(y) if residual is not None else None
     mean = torch.empty(m, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
-    block_n, rows, num_warps = launch_shape(n, rows, num_warps)
+    block_n, rows, num_warps = launch_shape(n, rows, num_warps, backward=False)
     _layer_norm_fwd[(triton.cdiv(m, rows),)](
         x2, res2, weight, bias, y, res_out, mean, rstd,
         m, n, x2.stride(0), res2.stride(0) if res2 is not None else 0, y.stride(0),
@@ -163,7 +166,7 @@ def layer_norm_backward(
     dres2 = _as_rows(d_residual_out, n) if d_residual_out is not None else None
     m = x2.shape[0]
     dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    block_n, rows, num_warps = launch_shape(n, rows, num_warps)
+    block_n, rows, num_warps = launch_shape(n, rows, num_warps, backward=True)
     rows_per_program = triton.cdiv(rows_per_program, rows) * rows
     programs = triton.cdiv(m, rows_per_program)
     dw_part = torch.empty((programs, n), dtype=torch.float32, device=x.device)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._config import cast, check_device, check_float, mma, precision
 
@@ -68,37 +67,6 @@ def _patch_embed_fwd(
 
 
 @triton.jit
-def _patch_embed_fwd_tma(
-    img_desc, w_desc, B, W_ROWSUM, out_desc, GH, D,
-    C: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_D: tl.constexpr,
-    UINT8: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """TMA variant: a tile is ROWS x COLS patches of one image; K steps over (channel, patch row).
-
-    The image is viewed as (N*C, GH, P, GW, P), so one copy-engine box [1, ROWS, 1, COLS, P]
-    is exactly the (tokens x P) slice of the im2col matrix for one (channel, patch row).
-    """
-    pid_m, pid_d = tl.program_id(0), tl.program_id(1)
-    row_tiles = tl.cdiv(GH, ROWS)
-    n, ty0 = pid_m // row_tiles, (pid_m % row_tiles) * ROWS
-    BLOCK_M: tl.constexpr = ROWS * COLS
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for c in range(C):
-        for ky in range(P):
-            a = img_desc.load([n * C + c, ty0, ky, 0, 0]).reshape(BLOCK_M, P)
-            w = w_desc.load([pid_d * BLOCK_D, c * P + ky, 0]).reshape(BLOCK_D, P)
-            if UINT8:
-                a = a.to(tl.float32)
-            acc = mma(cast(a, w.dtype, PRECISION), tl.trans(w), acc, PRECISION)
-    chans = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    if UINT8:
-        acc = acc * (1.0 / 127.5) - tl.load(W_ROWSUM + chans, mask=chans < D, other=0.0)[None, :]
-    acc += tl.load(B + chans, mask=chans < D, other=0.0).to(tl.float32)[None, :]
-    out = cast(acc, out_desc.dtype, PRECISION).reshape(1, ROWS, COLS, BLOCK_D)
-    out_desc.store([n, ty0, 0, pid_d * BLOCK_D], out)
-
-
-@triton.jit
 def _patch_embed_bwd_weight(
     IMG, DOUT, DW_PART, DB_PART,
     M, T, GRID_W, D, K, tokens_per_split,
@@ -134,17 +102,13 @@ def _patch_embed_bwd_weight(
         tl.store(DB_PART + split * D + chans, db, mask=chan_ok)
 
 
-FWD_BLOCKS = {"BLOCK_M": 128, "BLOCK_D": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+# H100, 1500 x 224^2 (benchmarks/NOTES.md): 128 tokens x 256 channels per program, 8 warps.
+FWD_BLOCKS = {"BLOCK_M": 128, "BLOCK_D": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4}
 BWD_BLOCKS = {"BLOCK_M": 64, "BLOCK_D": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
 
 
-TMA_BLOCKS = {"BLOCK_M": 128, "BLOCK_D": 256, "num_warps": 8, "num_stages": 4}
-
-
 def patch_embed_forward(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, patch_size: int,
-                        method: str = "gather", **blocks) -> torch.Tensor:
-    if method == "tma":
-        return _forward_tma(images, weight, bias, patch_size, **blocks)
+                        **blocks) -> torch.Tensor:
     n, c, h, w = images.shape
     d = weight.shape[0]
     grid_w, t = w // patch_size, (h // patch_size) * (w // patch_size)
@@ -159,26 +123,6 @@ def patch_embed_forward(images: torch.Tensor, weight: torch.Tensor, bias: torch.
         P=patch_size, UINT8=uint8, PRECISION=precision(weight.dtype), **cfg,
     )
     return out
-
-
-def _forward_tma(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, p: int, **blocks) -> torch.Tensor:
-    n, c, h, w = images.shape
-    d = weight.shape[0]
-    gh, gw = h // p, w // p
-    cfg = {**TMA_BLOCKS, **blocks}
-    cols = triton.next_power_of_2(gw)
-    rows = max(1, cfg.pop("BLOCK_M") // cols)
-    images = images.contiguous()
-    out = torch.empty((n, gh, gw, d), dtype=weight.dtype, device=images.device)
-    uint8 = images.dtype == torch.uint8
-    rowsum = weight.float().reshape(d, -1).sum(1) if uint8 else None
-    img_desc = TensorDescriptor(images, [n * c, gh, p, gw, p], [h * w, p * w, w, p, 1], [1, rows, 1, cols, p])
-    w_desc = TensorDescriptor(weight, [d, c * p, p], [c * p * p, p, 1], [cfg["BLOCK_D"], 1, p])
-    out_desc = TensorDescriptor(out, [n, gh, gw, d], list(out.stride()), [1, rows, cols, cfg["BLOCK_D"]])
-    grid = (n * triton.cdiv(gh, rows), triton.cdiv(d, cfg["BLOCK_D"]))
-    _patch_embed_fwd_tma[grid](img_desc, w_desc, bias, rowsum, out_desc, gh, d, C=c, P=p, ROWS=rows, COLS=cols,
-                               UINT8=uint8, PRECISION=precision(weight.dtype), **cfg)
-    return out.view(n, gh * gw, d)
 
 
 def patch_embed_backward_weight(dout: torch.Tensor, images: torch.Tensor, patch_size: int,

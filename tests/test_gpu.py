@@ -48,6 +48,20 @@ def test_encoder_attention_with_rope_forward_and_backward(tokens, grid):
     assert rel(grad, ref_grad) < 2e-2
 
 
+@pytest.mark.parametrize("layout", ["BLHD", "BHLD"])
+@pytest.mark.parametrize("tokens", [1, 63, 196, 197, 768, 1000])
+def test_attention_without_rope_at_encoder_lengths(tokens, layout):
+    """Ragged tails of every size: tile 64 holds 1, 63, 4, 5, 0 and 40 rows of the last block."""
+    b, h, d = 8, 16, 64
+    qkv = torch.randn(b, tokens, 3, h, d, device="cuda", dtype=BF16)
+    q, k, v = qkv.unbind(2) if layout == "BLHD" else (t.transpose(1, 2).contiguous() for t in qkv.unbind(2))
+    out = attention(q, k, v, layout=layout)
+    heads_first = (lambda t: t.transpose(1, 2)) if layout == "BLHD" else (lambda t: t)
+    ref = heads_first(reference_attention(*(heads_first(t).float() for t in (q, k, v)), d**-0.5))
+    stock = heads_first(reference_attention(*(heads_first(t) for t in (q, k, v)), d**-0.5).to(BF16))
+    assert rel(out, ref) <= max(2 * rel(stock, ref), 1e-3)
+
+
 def sampled_rows_reference(q, k, v, rows, scale):
     """Exact fp32 attention for the given query rows over all keys; q, k, v: (L, H, D)."""
     s = torch.einsum("rhd,lhd->hrl", q[rows].float(), k.float()) * scale

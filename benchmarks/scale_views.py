@@ -1,0 +1,223 @@
+"""How Fast3R's time and memory grow with the number of views, per backend.
+
+    python benchmarks/scale_views.py --views 1500 [--size 224|512] [--backend triton torch]
+
+Sweeps 1, 10, 100, 500, 1000, 1500 views (those up to --views, plus --views itself) on
+the ``large`` preset in bf16 with random weights (or --checkpoint), random uint8 images,
+under torch.inference_mode. For each point: seconds per forward (median of --repeats
+after a warm-up, device-synchronized) split into encoder / fusion / heads, views per
+second, peak memory from torch.cuda.max_memory_allocated and device memory in use from
+NVML. A point that runs out of memory is recorded with ``oom: true``.
+
+Writes ``benchmarks/results/scale_views_<gpu>_<size>.json`` and a PNG plot beside it,
+then prints a table. Without a GPU it runs the ``tiny`` preset on a few views on the CPU
+(a smoke run of the same code path) and says so first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import gpu_name
+
+from fast3r import Fast3R
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_VIEWS = (1, 10, 100, 500, 1000, 1500)
+CPU_VIEWS = (1, 2, 4)
+SIZES = {"224": (224, 224), "512": (384, 512)}  # (H, W): 224 crops square, 512 gives 512x384 landscape
+STAGES = {"encoder": "encoder", "fusion": "decoder", "heads": ("downstream_head", "downstream_head_local")}
+
+
+class StageTimer:
+    """Accumulates the GPU time of the encoder, fusion and head modules with CUDA events."""
+
+    def __init__(self, model: Fast3R):
+        self.pairs: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {s: [] for s in STAGES}
+        for stage, names in STAGES.items():
+            for name in (names,) if isinstance(names, str) else names:
+                module = getattr(model, name)
+                if module is not None:
+                    module.register_forward_pre_hook(lambda *_, s=stage: self._start(s))
+                    module.register_forward_hook(lambda *_, s=stage: self._stop(s))
+
+    def _start(self, stage: str) -> None:
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        self.pairs[stage].append((start, None))
+
+    def _stop(self, stage: str) -> None:
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self.pairs[stage][-1] = (self.pairs[stage][-1][0], end)
+
+    def reset(self) -> None:
+        for pairs in self.pairs.values():
+            pairs.clear()
+
+    def seconds(self) -> dict[str, float]:
+        torch.cuda.synchronize()
+        return {s: sum(a.elapsed_time(b) for a, b in pairs) / 1e3 for s, pairs in self.pairs.items()}
+
+
+def nvml_used_gib() -> float | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        return pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2**30
+    except Exception:  # noqa: BLE001 - NVML is optional information; its absence is recorded as null
+        return None
+
+
+def build_model(backend: str, checkpoint: str | None, device: str) -> Fast3R:
+    torch.manual_seed(0)  # same random weights for every backend
+    if checkpoint:
+        return Fast3R.from_pretrained(checkpoint, backend=backend, device=device, dtype=torch.bfloat16)
+    preset = "large" if device == "cuda" else "tiny"
+    model = Fast3R(preset)
+    if backend == "triton":
+        from fast3r_kernels import accelerate
+
+        accelerate(model)
+    return model.to(device, torch.bfloat16 if device == "cuda" else torch.float32).eval()
+
+
+def measure_point(model: Fast3R, timer: StageTimer | None, views: int, hw: tuple[int, int], repeats: int,
+                  warmup: bool, device: str) -> dict:
+    images = torch.randint(0, 256, (views, 3, *hw), dtype=torch.uint8, device=device)
+    seconds, stages = [], []
+    for i in range(int(not warmup), repeats + 1):  # run 0 warms up (kernel compilation, allocator)
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            timer.reset()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model(images)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            seconds.append(time.perf_counter() - start)
+            if timer:
+                stages.append(timer.seconds())
+        used = nvml_used_gib() if device == "cuda" else None
+        del out
+    record = {"seconds": statistics.median(seconds), "all_seconds": [round(s, 4) for s in seconds],
+              "views_per_second": views / statistics.median(seconds), "warmup": warmup}
+    if device == "cuda":
+        record.update({f"seconds_{s}": statistics.median(x[s] for x in stages) for s in STAGES})
+        record.update({"peak_gib": torch.cuda.max_memory_allocated() / 2**30, "nvml_used_gib": used})
+    return record
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    views = sorted({v for v in DEFAULT_VIEWS if v <= args.views} | {args.views}) if device == "cuda" else CPU_VIEWS
+    backends = args.backend if device == "cuda" else ["torch"]
+    if device == "cpu":
+        print(f"No CUDA GPU: running the tiny preset on the CPU with {list(views)} views and the torch backend "
+              "(a smoke run of the benchmark; the large-model numbers need an H100).", flush=True)
+    doc = {"gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+           "size": args.size, "image_hw": SIZES[args.size], "preset": "large" if device == "cuda" else "tiny",
+           "dtype": "bfloat16" if device == "cuda" else "float32", "checkpoint": args.checkpoint, "records": []}
+    for backend in backends:
+        model = build_model(backend, args.checkpoint, device)
+        timer = StageTimer(model) if device == "cuda" else None
+        for n in views:
+            record = {"views": n, "size": args.size, "backend": backend, "oom": False}
+            single = n >= args.single_run_above
+            try:
+                record.update(measure_point(model, timer, n, SIZES[args.size], 1 if single else args.repeats,
+                                            not single, device))
+            except torch.cuda.OutOfMemoryError as err:
+                record.update({"oom": True, "error": str(err).splitlines()[0][:200], "seconds": None,
+                               "peak_gib": None})
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            doc["records"].append(record)
+            print(json.dumps(record), flush=True)
+        del model, timer
+    return doc
+
+
+def table(doc: dict) -> str:
+    rows = ["| views | backend | s / forward | encoder | fusion | heads | views/s | peak GiB | NVML GiB |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["records"]:
+        if r["oom"]:
+            rows.append(f"| {r['views']} | {r['backend']} | OOM | | | | | | |")
+            continue
+        cells = [_cell(r, "seconds"), _cell(r, "seconds_encoder"), _cell(r, "seconds_fusion"),
+                 _cell(r, "seconds_heads"), _cell(r, "views_per_second", "{:.0f}"), _cell(r, "peak_gib", "{:.2f}"),
+                 _cell(r, "nvml_used_gib", "{:.1f}")]
+        rows.append(f"| {r['views']} | {r['backend']} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _cell(record: dict, key: str, fmt: str = "{:.3f}") -> str:
+    return fmt.format(record[key]) if record.get(key) is not None else "-"
+
+
+def plot(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for backend in dict.fromkeys(r["backend"] for r in doc["records"]):
+        ok = [r for r in doc["records"] if r["backend"] == backend and not r["oom"]]
+        ax_t.plot([r["views"] for r in ok], [r["seconds"] for r in ok], "o-", label=f"Fast3R, {backend} backend")
+        if all(r.get("peak_gib") is not None for r in ok):
+            ax_m.plot([r["views"] for r in ok], [r["peak_gib"] for r in ok], "o-", label=f"{backend} backend")
+    h, w = doc["image_hw"]
+    for ax, ylabel in ((ax_t, "seconds per forward"), (ax_m, "peak GiB (max_memory_allocated)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("views")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    fig.suptitle(f"Fast3R {doc['preset']} ({doc['dtype']}) on {doc['gpu']}, {w}x{h} images")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--views", type=int, default=1500, help="largest view count of the sweep")
+    parser.add_argument("--size", choices=sorted(SIZES), default="224")
+    parser.add_argument("--backend", nargs="+", choices=["triton", "torch"], default=["triton", "torch"])
+    parser.add_argument("--checkpoint", help="weights to load instead of random ones (directory, file or hub id)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per point after one warm-up")
+    parser.add_argument("--single-run-above", type=int, default=10**9,
+                        help="from this many views on, time a single run without warm-up (the smaller points of "
+                             "the sweep have compiled the kernels); for forwards that take minutes")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.views < 1:
+        parser.error("--views must be at least 1")
+    doc = run(args)
+    name = f"scale_views_{gpu_name() if torch.cuda.is_available() else 'cpu'}_{args.size}"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / f"{name}.json").write_text(json.dumps(doc, indent=1))
+    plot(doc, args.out_dir / f"{name}.png")
+    print(table(doc))
+    print(f"wrote {args.out_dir / name}.json and .png")
+
+
+if __name__ == "__main__":
+    main()
