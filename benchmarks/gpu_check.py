@@ -54,15 +54,15 @@ def main() -> None:
     if "tests" not in args.skip:
         steps.append(("gpu_tests", [py, "-m", "pytest", "-q", "-rA", "-m", "gpu", "tests/test_gpu.py",
                                     *args.test_args.split()], 1200))
+    if "scale" not in args.skip:
+        for size in args.scale_sizes:
+            steps.append((f"scale_views_{size}", [py, "benchmarks/scale_views.py", "--size", size, "--out-dir",
+                                                  str(args.out), *args.scale_args.split()], 3000))
     if "kernels" not in args.skip:
         cmd = [py, "benchmarks/bench_kernels.py", "--out", str(args.out / "kernels.json")]
         cmd += ["--sweep"] if args.sweep else []
         cmd += ["--only", *args.only_kernels] if args.only_kernels else []
         steps.append(("bench_kernels", cmd, 3000))
-    if "scale" not in args.skip:
-        for size in args.scale_sizes:
-            steps.append((f"scale_views_{size}", [py, "benchmarks/scale_views.py", "--size", size, "--out-dir",
-                                                  str(args.out), *args.scale_args.split()], 3000))
     results = [run_step(name, cmd, args.out, timeout) for name, cmd, timeout in steps]
     (args.out / "gpu_check.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results))

@@ -129,7 +129,7 @@ def _attn_fwd(
     q_desc, k_desc, v_desc, o_desc, q4_desc, k4_desc, LSE, POS, COS, SIN, spos_b, spos_l, spos_c,
     H, L_Q, L_K, m_tiles, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BHLD: tl.constexpr,
-    ROPE: tl.constexpr, RETURN_LSE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PRECISION: tl.constexpr,
+    ROPE: tl.constexpr, RETURN_LSE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh, start_m = pid // m_tiles, (pid % m_tiles) * BLOCK_M
@@ -140,13 +140,12 @@ def _attn_fwd(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    # Full tiles run unmasked and the ragged last tile, if any, is masked on its own; warp
-    # specialization needs the loop to be the whole K/V stream, so it masks every tile instead.
-    full = L_K if WARP_SPECIALIZE else (L_K // BLOCK_N) * BLOCK_N
-    for start_n in tl.range(0, full, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    # Full tiles run unmasked; the ragged last tile, if any, is masked on its own.
+    full = (L_K // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full, BLOCK_N):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q0, q1, q2, q3, k_desc, k4_desc, v_desc, b, h, start_n, L_K,
                                   POS, COS, SIN, pos_b, spos_l, spos_c, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                  BHLD, ROPE, WARP_SPECIALIZE, PRECISION)
+                                  BHLD, ROPE, False, PRECISION)
     if full < L_K:
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q0, q1, q2, q3, k_desc, k4_desc, v_desc, b, h, full, L_K,
                                   POS, COS, SIN, pos_b, spos_l, spos_c, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM,
@@ -297,11 +296,13 @@ def _attn_bwd_dq(
 
 
 # ------------------------------------------------------------------- launchers
-# Measured on the H100 (benchmarks/NOTES.md): 64x64 tiles in 4-warp CTAs, several per SM, for
-# every sequence length without RoPE; with RoPE, one 256-row tile per head (K is rotated once).
-FWD_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "WARP_SPECIALIZE": False}
-FWD_ROPE_BLOCKS = {"BLOCK_M": 256, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "WARP_SPECIALIZE": False}
-BWD_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+# Measured on the H100 (benchmarks/NOTES.md): 4-warp CTAs on 64-row tiles, several per SM, without
+# RoPE (64-key tiles, 128 from 32k keys on); with RoPE one 256-row tile per head, so K is rotated once.
+FWD_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+FWD_LONG_BLOCKS = {**FWD_BLOCKS, "BLOCK_N": 128}
+FWD_ROPE_BLOCKS = {"BLOCK_M": 256, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+LONG_SEQUENCE = 32768
+BWD_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 
 
 @functools.lru_cache(maxsize=16)
@@ -354,7 +355,10 @@ def attention_forward(q, k, v, scale: float, layout: str, rope=None, return_lse:
     q, k, v = (_tma_ready(t) for t in (q, k, v))
     b, h, l_q, d = _dims(q, layout)
     l_k = _dims(k, layout)[2]
-    cfg = {**(FWD_BLOCKS if rope is None else FWD_ROPE_BLOCKS), **blocks}
+    if rope is not None:
+        cfg = {**FWD_ROPE_BLOCKS, **blocks}
+    else:
+        cfg = {**(FWD_LONG_BLOCKS if l_k >= LONG_SEQUENCE else FWD_BLOCKS), **blocks}
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((b, h, l_q), dtype=torch.float32, device=q.device) if return_lse else None
