@@ -37,6 +37,9 @@ DEFAULT_VIEWS = (1, 10, 100, 500, 1000, 1500)
 CPU_VIEWS = (1, 2, 4)
 SIZES = {"224": (224, 224), "512": (384, 512)}  # (H, W): 224 crops square, 512 gives 512x384 landscape
 STAGES = {"encoder": "encoder", "fusion": "decoder", "heads": ("downstream_head", "downstream_head_local")}
+# The official code with bf16 weights on the same H100, as measured for SPEC.md (not re-run here):
+# views -> (seconds, peak GiB or None). Plotted for context only.
+OFFICIAL_BF16 = {"224": {16: (0.092, None), 500: (3.71, 8.6), 1500: (28.7, 23.4)}, "512": {200: (8.40, 13.8)}}
 
 
 class StageTimer:
@@ -124,7 +127,10 @@ def measure_point(model: Fast3R, timer: StageTimer | None, views: int, hw: tuple
 
 def run(args: argparse.Namespace) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    views = sorted({v for v in DEFAULT_VIEWS if v <= args.views} | {args.views}) if device == "cuda" else CPU_VIEWS
+    if device == "cpu":
+        views = CPU_VIEWS
+    else:
+        views = sorted(set(args.points) if args.points else {v for v in DEFAULT_VIEWS if v <= args.views} | {args.views})
     backends = args.backend if device == "cuda" else ["torch"]
     if device == "cpu":
         print(f"No CUDA GPU: running the tiny preset on the CPU with {list(views)} views and the torch backend "
@@ -150,6 +156,14 @@ def run(args: argparse.Namespace) -> dict:
             print(json.dumps(record), flush=True)
         del model, timer
     return doc
+
+
+def merge(paths: list[Path]) -> dict:
+    docs = [json.loads(p.read_text()) for p in paths]
+    keys = {(d["gpu"], d["size"], d["preset"], d["dtype"]) for d in docs}
+    if len(keys) != 1:
+        raise SystemExit(f"--merge needs runs of one GPU, size, preset and dtype; got {sorted(keys)}")
+    return {**docs[0], "records": [r for d in docs for r in d["records"]], "merged_from": [p.name for p in paths]}
 
 
 def table(doc: dict) -> str:
@@ -182,6 +196,11 @@ def plot(doc: dict, path: Path) -> None:
         ax_t.plot([r["views"] for r in ok], [r["seconds"] for r in ok], "o-", label=f"Fast3R, {backend} backend")
         if all(r.get("peak_gib") is not None for r in ok):
             ax_m.plot([r["views"] for r in ok], [r["peak_gib"] for r in ok], "o-", label=f"{backend} backend")
+    official = OFFICIAL_BF16.get(doc["size"], {}) if doc["gpu"] != "cpu" else {}
+    if official:
+        ax_t.plot(list(official), [t for t, _ in official.values()], "kx", label="official code, bf16 (SPEC.md)")
+        mem = {v: m for v, (_, m) in official.items() if m is not None}
+        ax_m.plot(list(mem), list(mem.values()), "kx", label="official code, bf16 (SPEC.md)")
     h, w = doc["image_hw"]
     for ax, ylabel in ((ax_t, "seconds per forward"), (ax_m, "peak GiB (max_memory_allocated)")):
         ax.set_xscale("log")
@@ -206,12 +225,15 @@ def main() -> None:
     parser.add_argument("--single-run-above", type=int, default=10**9,
                         help="from this many views on, time a single run without warm-up (the smaller points of "
                              "the sweep have compiled the kernels); for forwards that take minutes")
+    parser.add_argument("--points", type=int, nargs="+", help="explicit view counts instead of the default sweep")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                        help="combine the records of earlier runs (same GPU and size) into one JSON, plot and table")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
-    if args.views < 1:
-        parser.error("--views must be at least 1")
-    doc = run(args)
-    name = f"scale_views_{gpu_name() if torch.cuda.is_available() else 'cpu'}_{args.size}"
+    if args.views < 1 or any(p < 1 for p in args.points or ()):
+        parser.error("view counts must be at least 1")
+    doc = merge(args.merge) if args.merge else run(args)
+    name = f"scale_views_{'cpu' if doc['gpu'] == 'cpu' else gpu_name(doc['gpu'])}_{doc['size']}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{name}.json").write_text(json.dumps(doc, indent=1))
     plot(doc, args.out_dir / f"{name}.png")

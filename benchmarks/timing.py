@@ -31,9 +31,9 @@ def median_ms(fn, *, warmup: int = 2, repeats: int = 10, max_seconds: float = 20
     return statistics.median(times)
 
 
-def gpu_name() -> str:
-    """Short file-name-safe device name, e.g. 'h100' or 'h200'."""
-    name = torch.cuda.get_device_name().lower()
+def gpu_name(name: str | None = None) -> str:
+    """Short file-name-safe name of a device (default: the current one), e.g. 'h100' or 'h200'."""
+    name = (name or torch.cuda.get_device_name()).lower()
     for short in ("h100", "h200", "a100", "b200", "l40s"):
         if short in name:
             return short
