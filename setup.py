@@ -23,7 +23,7 @@ setup(
     extras_require={
         # numpy<2.4: triton 3.6's interpreter (TRITON_INTERPRET=1, used by the CPU tests)
         # breaks on numpy 2.4 (triton-lang/triton#9171, fixed after 3.6).
-        "dev": ["pytest", "pytest-benchmark", "ruff==0.17.6", "numpy<2.4"],
+        "dev": ["pytest", "ruff==0.17.6", "numpy<2.4"],
         "hub": ["huggingface_hub"],
     },
 )

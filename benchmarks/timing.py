@@ -1,34 +1,17 @@
-"""Timing helpers shared by the benchmarks: device-synced medians, ceilings, GPU naming."""
+"""Timing helpers shared by the benchmarks: medians from triton.testing.do_bench, ceilings, GPU naming."""
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
+from triton.testing import do_bench
 
 
-def median_ms(fn, *, warmup: int = 2, repeats: int = 10, max_seconds: float = 20.0) -> float:
-    """Median wall time of ``fn()`` in ms, timed with CUDA events after ``warmup`` calls.
+def median_ms(fn, *, warmup_ms: float = 25, rep_ms: float = 200) -> float:
+    """Median time of ``fn()`` in ms: CUDA events around each call, L2 flushed in between (do_bench).
 
-    Stops early once ``max_seconds`` of timed calls have run (very long kernels get fewer
-    repeats, never fewer than 3).
+    ``rep_ms`` of calls are timed; kernels longer than that get a handful of repeats.
     """
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times: list[float] = []
-    start_all = time.perf_counter()
-    for i in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-        if i >= 2 and time.perf_counter() - start_all > max_seconds:
-            break
-    return statistics.median(times)
+    return do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
 
 def gpu_name(name: str | None = None) -> str:
@@ -45,8 +28,8 @@ def measure_ceilings() -> dict[str, float]:
     n = 8192
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    mm_ms = median_ms(lambda: a @ b, warmup=3, repeats=10)
+    mm_ms = median_ms(lambda: a @ b)
     src = torch.randn(2**30 // 2, device="cuda", dtype=torch.bfloat16)  # 1 GiB
     dst = torch.empty_like(src)
-    copy_ms = median_ms(lambda: dst.copy_(src), warmup=3, repeats=20)
+    copy_ms = median_ms(lambda: dst.copy_(src))
     return {"matmul_bf16_tflops": 2 * n**3 / mm_ms / 1e9, "copy_gbs": 2 * src.nbytes / copy_ms / 1e6}

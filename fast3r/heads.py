@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from .config import Fast3RConfig
@@ -68,8 +69,7 @@ class DPT(nn.Module):
 
     def forward(self, layers: list[torch.Tensor], grid_hw: tuple[int, int]) -> torch.Tensor:
         """layers: 4 x (B, gh*gw, C_i) tokens of one grid size -> (B, 4, 16*gh, 16*gw)."""
-        gh, gw = grid_hw
-        maps = [t.transpose(1, 2).reshape(t.shape[0], t.shape[2], gh, gw) for t in layers]
+        maps = [rearrange(t, "b (gh gw) c -> b c gh gw", gh=grid_hw[0], gw=grid_hw[1]) for t in layers]
         maps = [rn(post(m)) for m, post, rn in zip(maps, self.act_postprocess, self.scratch.layer_rn)]
         path = self.scratch.refinenet4(maps[3])[:, :, : maps[2].shape[2], : maps[2].shape[3]]
         path = self.scratch.refinenet3(path, maps[2])
@@ -93,7 +93,7 @@ class DPTHead(nn.Module):
 
 def pointmap_activation(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw (B, 4, H, W) -> points xyz/|xyz| * expm1(|xyz|) and confidence 1 + exp(c), in fp32."""
-    fmap = raw.float().permute(0, 2, 3, 1)
+    fmap = rearrange(raw.float(), "b c h w -> b h w c")
     xyz = fmap[..., :3]
     dist = xyz.norm(dim=-1, keepdim=True)
     points = xyz / dist.clamp(min=1e-8) * torch.expm1(dist)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from . import checkpoint, memory
@@ -69,37 +70,43 @@ class Fast3R(nn.Module):
         All outputs are fp32.
         """
         views, batched = _as_views(images, self.config.patch_size)
-        batch, device = views[0].shape[0], self._device()
-        dtype = self.encoder.patch_embed.proj.weight.dtype
         patch = self.config.patch_size
         grids = [(v.shape[-2] // patch, v.shape[-1] // patch) for v in views]
         sizes = [gh * gw for gh, gw in grids]
         offsets = [0, *torch.tensor(sizes).cumsum(0).tolist()]
-
-        tokens = torch.empty(batch, offsets[-1], self.config.enc_dim, dtype=dtype, device=device)
-        enc_chunk = encoder_chunk or memory.chunk_size(
-            device, memory.encoder_bytes_per_view(self.config, max(sizes), dtype.itemsize) * batch,
-            memory.MAX_ENCODER_CHUNK, memory.CPU_ENCODER_CHUNK)
-        for run in _runs(grids, enc_chunk):
-            imgs = torch.cat([_to_model(views[i], dtype, device) for i in run])
-            out = self.encoder(imgs)
-            n, t = len(run), sizes[run[0]]
-            tokens[:, offsets[run[0]] : offsets[run[-1] + 1]] = (
-                out.view(n, batch, t, -1).transpose(0, 1).reshape(batch, n * t, -1))
-
-        ids = self._image_ids(image_ids, seed, batch, len(views)).to(device)
+        tokens = self._encode(views, grids, offsets, encoder_chunk)
+        ids = self._image_ids(image_ids, seed, views[0].shape[0], len(views)).to(tokens.device)
         hooks = self.decoder(tokens, sizes, ids)
-        del tokens
+        del tokens  # hooks[0] holds it; nothing else may
+        return self._predict(hooks, grids, offsets, batched, head_chunk)
 
+    def _encode(self, views: list[torch.Tensor], grids: list[tuple[int, int]], offsets: list[int],
+                chunk: int | None) -> torch.Tensor:
+        """Encoder tokens of all views, concatenated: (B, sum of tokens, enc_dim), in view chunks."""
+        batch, device = views[0].shape[0], self._device()
+        dtype = self.encoder.patch_embed.proj.weight.dtype
+        tokens = torch.empty(batch, offsets[-1], self.config.enc_dim, dtype=dtype, device=device)
+        per_view = memory.encoder_bytes_per_view(self.config, max(gh * gw for gh, gw in grids), dtype.itemsize)
+        chunk = chunk or memory.chunk_size(device, per_view * batch, memory.MAX_ENCODER_CHUNK, memory.CPU_ENCODER_CHUNK)
+        for run in _runs(grids, chunk):
+            out = self.encoder(torch.cat([_to_model(views[i], dtype, device) for i in run]))
+            tokens[:, offsets[run[0]] : offsets[run[-1] + 1]] = rearrange(out, "(n b) t c -> b (n t) c", n=len(run))
+        return tokens
+
+    def _predict(self, hooks: list[torch.Tensor], grids: list[tuple[int, int]], offsets: list[int], batched: bool,
+                 chunk: int | None) -> list[dict[str, torch.Tensor]]:
+        """Run both heads on the hook layers, in chunks of equally sized views."""
+        batch, patch = hooks[0].shape[0], self.config.patch_size
+        pixels = max(gh * gw for gh, gw in grids) * patch * patch
+        per_view = memory.head_bytes_per_view(self.config, pixels, hooks[0].dtype.itemsize)
+        chunk = chunk or memory.chunk_size(hooks[0].device, per_view * batch, memory.MAX_HEAD_CHUNK,
+                                           memory.CPU_HEAD_CHUNK)
         heads = {"": self.downstream_head, "_local": self.downstream_head_local}
-        h_chunk = head_chunk or memory.chunk_size(
-            device, memory.head_bytes_per_view(self.config, max(sizes) * patch * patch, dtype.itemsize) * batch,
-            memory.MAX_HEAD_CHUNK, memory.CPU_HEAD_CHUNK)
-        results: list[dict[str, torch.Tensor]] = [{} for _ in views]
-        for run in _runs(grids, h_chunk):
-            n, t = len(run), sizes[run[0]]
-            layers = [h[:, offsets[run[0]] : offsets[run[-1] + 1]].reshape(batch, n, t, -1)
-                      .transpose(0, 1).reshape(n * batch, t, -1) for h in hooks]
+        results: list[dict[str, torch.Tensor]] = [{} for _ in grids]
+        for run in _runs(grids, chunk):
+            n = len(run)
+            layers = [rearrange(h[:, offsets[run[0]] : offsets[run[-1] + 1]], "b (n t) c -> (n b) t c", n=n)
+                      for h in hooks]
             for suffix, head in heads.items():
                 if head is None:
                     continue

@@ -305,6 +305,13 @@ LONG_SEQUENCE = 32768
 BWD_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 
 
+def forward_blocks(keys: int, rope: bool) -> dict:
+    """The measured default tiling for a sequence of ``keys`` keys, with or without RoPE."""
+    if rope:
+        return FWD_ROPE_BLOCKS
+    return FWD_LONG_BLOCKS if keys >= LONG_SEQUENCE else FWD_BLOCKS
+
+
 @functools.lru_cache(maxsize=16)
 def rope_tables(n_pos: int, head_dim: int, base: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 cos/sin tables (n_pos, head_dim/4): angle pos * base^(-2i / (head_dim/2)), as RoPE2D computes it."""
@@ -355,10 +362,7 @@ def attention_forward(q, k, v, scale: float, layout: str, rope=None, return_lse:
     q, k, v = (_tma_ready(t) for t in (q, k, v))
     b, h, l_q, d = _dims(q, layout)
     l_k = _dims(k, layout)[2]
-    if rope is not None:
-        cfg = {**FWD_ROPE_BLOCKS, **blocks}
-    else:
-        cfg = {**(FWD_LONG_BLOCKS if l_k >= LONG_SEQUENCE else FWD_BLOCKS), **blocks}
+    cfg = {**forward_blocks(l_k, rope is not None), **blocks}
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((b, h, l_q), dtype=torch.float32, device=q.device) if return_lse else None

@@ -3,8 +3,9 @@
 Forward: each program normalizes a tile of ``ROWS`` rows held entirely in registers, so
 x is read once and y written once; statistics are two-pass fp32 (mean, then centred
 variance), which is exact enough for any width up to 8192. With ``residual`` the kernel
-also writes ``x + residual``: the pre-norm transformer pattern ``h = x + f(x); LN(h)``
-then costs one read of each input and one write of each output.
+also writes ``x + residual`` (rounded to x's dtype: the value it then normalizes, as
+eager PyTorch does): the pre-norm pattern ``h = x + f(x); LN(h)`` then costs one read of
+each input and one write of each output.
 
 Backward: each program owns a contiguous band of rows, recomputes x-hat from the saved
 mean / rstd, writes dx, and accumulates dweight / dbias for its band in fp32 registers;
@@ -36,8 +37,12 @@ def _layer_norm_fwd(
     r64 = rows.to(tl.int64)[:, None]
     x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
+        # Normalize the sum as stored (rounded to the output dtype), like eager PyTorch: the backward
+        # recomputes x-hat from the stored sum, and must see the values the statistics came from.
         x += tl.load(RES + r64 * stride_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(RES_OUT + r64 * stride_res_out + cols[None, :], cast(x, RES_OUT.dtype.element_ty, PRECISION), mask=mask)
+        x = cast(x, RES_OUT.dtype.element_ty, PRECISION)
+        tl.store(RES_OUT + r64 * stride_res_out + cols[None, :], x, mask=mask)
+        x = x.to(tl.float32)
     mean = tl.sum(x, axis=1) / N
     centred = tl.where(mask, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / N + eps)
