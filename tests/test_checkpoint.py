@@ -106,6 +106,21 @@ def test_missing_files_give_clear_errors(tmp_path):
         Fast3R.from_pretrained(tmp_path / "does-not-exist")
 
 
+def test_hub_id_without_huggingface_hub_says_how_to_get_it(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_hub(name, *args, **kwargs):
+        if name.startswith("huggingface_hub"):
+            raise ImportError("No module named 'huggingface_hub'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_hub)
+    with pytest.raises(FileNotFoundError, match="pip install huggingface_hub"):
+        Fast3R.from_pretrained("jedyang97/Fast3R_ViT_Large_512")
+
+
 def test_loaded_model_moves_to_requested_dtype(tmp_path):
     model = randomized_tiny()
     model.save_pretrained(tmp_path)
