@@ -192,6 +192,50 @@ def _bwd_delta(o_desc, do_desc, DELTA, H, L, m_tiles,
 
 
 @triton.jit
+def _row_stats(LSE, DELTA, bh, rows, L_Q):
+    """The forward's log2-sum-exp and the delta term of these query rows."""
+    stats = LSE + bh.to(tl.int64) * L_Q + rows
+    lse2 = tl.load(stats, mask=rows < L_Q, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + bh.to(tl.int64) * L_Q + rows, mask=rows < L_Q, other=0.0)
+    return lse2, delta
+
+
+@triton.jit
+def _zero_grads(ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, ROPE: tl.constexpr):
+    """Gradient accumulators: four quarter-width ones with RoPE, else one (repeated, unused copies)."""
+    if ROPE:
+        g0 = tl.zeros([ROWS, HEAD_DIM // 4], dtype=tl.float32)
+        g1, g2, g3 = tl.zeros_like(g0), tl.zeros_like(g0), tl.zeros_like(g0)
+    else:
+        g0 = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+        g1, g2, g3 = g0, g0, g0
+    return g0, g1, g2, g3
+
+
+@triton.jit
+def _accumulate(g0, g1, g2, g3, lhs, r0, r1, r2, r3, ROPE: tl.constexpr, PRECISION: tl.constexpr):
+    """g_i += lhs @ r_i for each quarter with RoPE, else g0 += lhs @ r0."""
+    g0 = mma(lhs, r0, g0, PRECISION)
+    if ROPE:
+        g1 = mma(lhs, r1, g1, PRECISION)
+        g2 = mma(lhs, r2, g2, PRECISION)
+        g3 = mma(lhs, r3, g3, PRECISION)
+    return g0, g1, g2, g3
+
+
+@triton.jit
+def _store_grad(desc, desc4, b, h, row, g0, g1, g2, g3, sm_scale, L, POS, COS, SIN, pos_b, spos_l, spos_c,
+                ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BHLD: tl.constexpr, ROPE: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """Scale a dq/dk accumulator by the softmax scale and store it, un-rotating it with RoPE."""
+    if ROPE:
+        _store_unrotated(desc4, b, h, row, g0 * sm_scale, g1 * sm_scale, g2 * sm_scale, g3 * sm_scale,
+                         L, POS, COS, SIN, pos_b, spos_l, spos_c, ROWS, HEAD_DIM // 4, BHLD, PRECISION)
+    else:
+        _store(desc, b, h, row, 0, cast(g0 * sm_scale, desc.dtype, PRECISION), ROWS, HEAD_DIM, BHLD)
+
+
+@triton.jit
 def _probabilities(s, lse2, rows, cols, L_Q, L_K, qk_scale):
     """P recomputed from scores and the saved log2-sum-exp; zero outside the valid block."""
     p = tl.math.exp2(s * qk_scale - lse2[:, None])
@@ -209,43 +253,27 @@ def _attn_bwd_dkdv(
     bh, start_n = pid // n_tiles, (pid % n_tiles) * BLOCK_N
     b, h = bh // H, bh % H
     pos_b = b.to(tl.int64) * spos_b
-    QUARTER: tl.constexpr = HEAD_DIM // 4
     cols = start_n + tl.arange(0, BLOCK_N)
     k0, k1, k2, k3 = _q_or_k(k_desc, k4_desc, b, h, start_n, L_K, POS, COS, SIN, pos_b, spos_l, spos_c,
                              BLOCK_N, HEAD_DIM, BHLD, ROPE, PRECISION)
     v = _load(v_desc, b, h, start_n, 0, BLOCK_N, HEAD_DIM, BHLD)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    if ROPE:
-        dk0 = tl.zeros([BLOCK_N, QUARTER], dtype=tl.float32)
-        dk1 = tl.zeros([BLOCK_N, QUARTER], dtype=tl.float32)
-        dk2 = tl.zeros([BLOCK_N, QUARTER], dtype=tl.float32)
-        dk3 = tl.zeros([BLOCK_N, QUARTER], dtype=tl.float32)
-    else:
-        dk0 = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    stats = bh.to(tl.int64) * L_Q
+    dk0, dk1, dk2, dk3 = _zero_grads(BLOCK_N, HEAD_DIM, ROPE)
     for start_m in range(0, L_Q, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         q0, q1, q2, q3 = _q_or_k(q_desc, q4_desc, b, h, start_m, L_Q, POS, COS, SIN, pos_b, spos_l, spos_c,
                                  BLOCK_M, HEAD_DIM, BHLD, ROPE, PRECISION)
         do = _load(do_desc, b, h, start_m, 0, BLOCK_M, HEAD_DIM, BHLD)
-        lse2 = tl.load(LSE + stats + rows, mask=rows < L_Q, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + stats + rows, mask=rows < L_Q, other=0.0)
+        lse2, delta = _row_stats(LSE, DELTA, bh, rows, L_Q)
         s = _scores(q0, q1, q2, q3, k0, k1, k2, k3, BLOCK_M, BLOCK_N, ROPE, PRECISION)
         p = _probabilities(s, lse2, rows, cols, L_Q, L_K, qk_scale)
         dv = mma(tl.trans(cast(p, do.dtype, PRECISION)), do, dv, PRECISION)
         dp = mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION)
         ds_t = tl.trans(cast(p * (dp - delta[:, None]), do.dtype, PRECISION))
-        dk0 = mma(ds_t, q0, dk0, PRECISION)
-        if ROPE:
-            dk1 = mma(ds_t, q1, dk1, PRECISION)
-            dk2 = mma(ds_t, q2, dk2, PRECISION)
-            dk3 = mma(ds_t, q3, dk3, PRECISION)
+        dk0, dk1, dk2, dk3 = _accumulate(dk0, dk1, dk2, dk3, ds_t, q0, q1, q2, q3, ROPE, PRECISION)
     _store(dv_desc, b, h, start_n, 0, cast(dv, dv_desc.dtype, PRECISION), BLOCK_N, HEAD_DIM, BHLD)
-    if ROPE:
-        _store_unrotated(dk4_desc, b, h, start_n, dk0 * sm_scale, dk1 * sm_scale, dk2 * sm_scale, dk3 * sm_scale,
-                         L_K, POS, COS, SIN, pos_b, spos_l, spos_c, BLOCK_N, QUARTER, BHLD, PRECISION)
-    else:
-        _store(dk_desc, b, h, start_n, 0, cast(dk0 * sm_scale, dk_desc.dtype, PRECISION), BLOCK_N, HEAD_DIM, BHLD)
+    _store_grad(dk_desc, dk4_desc, b, h, start_n, dk0, dk1, dk2, dk3, sm_scale, L_K, POS, COS, SIN, pos_b,
+                spos_l, spos_c, BLOCK_N, HEAD_DIM, BHLD, ROPE, PRECISION)
 
 
 @triton.jit
@@ -259,21 +287,12 @@ def _attn_bwd_dq(
     bh, start_m = pid // m_tiles, (pid % m_tiles) * BLOCK_M
     b, h = bh // H, bh % H
     pos_b = b.to(tl.int64) * spos_b
-    QUARTER: tl.constexpr = HEAD_DIM // 4
     rows = start_m + tl.arange(0, BLOCK_M)
     q0, q1, q2, q3 = _q_or_k(q_desc, q4_desc, b, h, start_m, L_Q, POS, COS, SIN, pos_b, spos_l, spos_c,
                              BLOCK_M, HEAD_DIM, BHLD, ROPE, PRECISION)
     do = _load(do_desc, b, h, start_m, 0, BLOCK_M, HEAD_DIM, BHLD)
-    stats = bh.to(tl.int64) * L_Q
-    lse2 = tl.load(LSE + stats + rows, mask=rows < L_Q, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + stats + rows, mask=rows < L_Q, other=0.0)
-    if ROPE:
-        dq0 = tl.zeros([BLOCK_M, QUARTER], dtype=tl.float32)
-        dq1 = tl.zeros([BLOCK_M, QUARTER], dtype=tl.float32)
-        dq2 = tl.zeros([BLOCK_M, QUARTER], dtype=tl.float32)
-        dq3 = tl.zeros([BLOCK_M, QUARTER], dtype=tl.float32)
-    else:
-        dq0 = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    lse2, delta = _row_stats(LSE, DELTA, bh, rows, L_Q)
+    dq0, dq1, dq2, dq3 = _zero_grads(BLOCK_M, HEAD_DIM, ROPE)
     for start_n in range(0, L_K, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         k0, k1, k2, k3 = _q_or_k(k_desc, k4_desc, b, h, start_n, L_K, POS, COS, SIN, pos_b, spos_l, spos_c,
@@ -283,16 +302,9 @@ def _attn_bwd_dq(
         p = _probabilities(s, lse2, rows, cols, L_Q, L_K, qk_scale)
         dp = mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION)
         ds = cast(p * (dp - delta[:, None]), do.dtype, PRECISION)
-        dq0 = mma(ds, k0, dq0, PRECISION)
-        if ROPE:
-            dq1 = mma(ds, k1, dq1, PRECISION)
-            dq2 = mma(ds, k2, dq2, PRECISION)
-            dq3 = mma(ds, k3, dq3, PRECISION)
-    if ROPE:
-        _store_unrotated(dq4_desc, b, h, start_m, dq0 * sm_scale, dq1 * sm_scale, dq2 * sm_scale, dq3 * sm_scale,
-                         L_Q, POS, COS, SIN, pos_b, spos_l, spos_c, BLOCK_M, QUARTER, BHLD, PRECISION)
-    else:
-        _store(dq_desc, b, h, start_m, 0, cast(dq0 * sm_scale, dq_desc.dtype, PRECISION), BLOCK_M, HEAD_DIM, BHLD)
+        dq0, dq1, dq2, dq3 = _accumulate(dq0, dq1, dq2, dq3, ds, k0, k1, k2, k3, ROPE, PRECISION)
+    _store_grad(dq_desc, dq4_desc, b, h, start_m, dq0, dq1, dq2, dq3, sm_scale, L_Q, POS, COS, SIN, pos_b,
+                spos_l, spos_c, BLOCK_M, HEAD_DIM, BHLD, ROPE, PRECISION)
 
 
 # ------------------------------------------------------------------- launchers
