@@ -53,7 +53,6 @@ WRONG_ERROR = 2e-2  # relative error against the PyTorch output that marks a rec
 FUSION_SWEEP = [
     {"BLOCK_M": 64, "BLOCK_N": bn, "num_warps": 4, "num_stages": st} for bn in (64, 128) for st in (2, 3)
 ]
-LONG_SWEEP = FUSION_SWEEP
 ENCODER_SWEEP = [
     {"BLOCK_M": bm, "BLOCK_N": 64, "num_warps": w, "num_stages": st} for bm, w, st in ((64, 4, 3), (64, 4, 2), (128, 4, 3))
 ]
@@ -134,7 +133,7 @@ def bench_attention_forward(rec: Recorder, sweep: bool) -> None:
         elif l < 4096:
             configs = ENCODER_SWEEP
         else:
-            configs = FUSION_SWEEP if l <= 65536 else LONG_SWEEP
+            configs = FUSION_SWEEP
         attention_forward_shape(rec, b, h, l, configs)
         torch.cuda.empty_cache()
 

@@ -1,4 +1,4 @@
-"""Where kernels may run, input checks shared by the launchers, and block-size tables."""
+"""Where kernels may run, input checks shared by the launchers, and the dtype-dependent dot/cast helpers."""
 
 from __future__ import annotations
 
