@@ -194,9 +194,9 @@ def _bwd_delta(o_desc, do_desc, DELTA, H, L, m_tiles,
 @triton.jit
 def _row_stats(LSE, DELTA, bh, rows, L_Q):
     """The forward's log2-sum-exp and the delta term of these query rows."""
-    stats = LSE + bh.to(tl.int64) * L_Q + rows
-    lse2 = tl.load(stats, mask=rows < L_Q, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + bh.to(tl.int64) * L_Q + rows, mask=rows < L_Q, other=0.0)
+    offsets = bh.to(tl.int64) * L_Q + rows
+    lse2 = tl.load(LSE + offsets, mask=rows < L_Q, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + offsets, mask=rows < L_Q, other=0.0)
     return lse2, delta
 
 
@@ -356,6 +356,11 @@ def _descriptor(t: torch.Tensor, layout: str, rows: int, cols: int) -> TensorDes
     return TensorDescriptor(t, list(t.shape), strides, block)
 
 
+def _quarter_descriptor(t: torch.Tensor, layout: str, rows: int, rope) -> TensorDescriptor | None:
+    """Descriptor of quarter-width tiles, which RoPE rotates; None without RoPE."""
+    return _descriptor(t, layout, rows, t.shape[-1] // 4) if rope is not None else None
+
+
 def _dims(t: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
     """(B, H, L, D) of a tensor in the given layout."""
     b, x, y, d = t.shape
@@ -378,11 +383,11 @@ def attention_forward(q, k, v, scale: float, layout: str, rope=None, return_lse:
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((b, h, l_q), dtype=torch.float32, device=q.device) if return_lse else None
-    quarter = (lambda t, rows: _descriptor(t, layout, rows, d // 4)) if rope is not None else (lambda t, rows: None)
     m_tiles = triton.cdiv(l_q, bm)
     _attn_fwd[(b * h * m_tiles,)](
         _descriptor(q, layout, bm, d), _descriptor(k, layout, bn, d), _descriptor(v, layout, bn, d),
-        _descriptor(out, layout, bm, d), quarter(q, bm), quarter(k, bn), lse, *_rope_args(rope),
+        _descriptor(out, layout, bm, d), _quarter_descriptor(q, layout, bm, rope),
+        _quarter_descriptor(k, layout, bn, rope), lse, *_rope_args(rope),
         h, l_q, l_k, m_tiles, scale * LOG2E,
         HEAD_DIM=d, BHLD=layout == "BHLD", ROPE=rope is not None, RETURN_LSE=return_lse,
         PRECISION=precision(q.dtype), **cfg,
@@ -403,19 +408,20 @@ def attention_backward(do, q, k, v, out, lse, scale: float, layout: str, rope=No
     _bwd_delta[(b * h * m_tiles,)](_descriptor(out, layout, bm, d), _descriptor(do, layout, bm, d), delta,
                                    h, l_q, m_tiles, HEAD_DIM=d, BLOCK_M=bm, BHLD=bhld)
     dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
-    quarter = (lambda t, rows: _descriptor(t, layout, rows, d // 4)) if rope is not None else (lambda t, rows: None)
     common = {"HEAD_DIM": d, "BHLD": bhld, "ROPE": rope is not None, "PRECISION": precision(q.dtype), **cfg}
     rope_args = _rope_args(rope)
     _attn_bwd_dkdv[(b * h * n_tiles,)](
         _descriptor(q, layout, bm, d), _descriptor(k, layout, bn, d), _descriptor(v, layout, bn, d),
         _descriptor(do, layout, bm, d), _descriptor(dk, layout, bn, d), _descriptor(dv, layout, bn, d),
-        quarter(q, bm), quarter(k, bn), quarter(dk, bn),
+        _quarter_descriptor(q, layout, bm, rope), _quarter_descriptor(k, layout, bn, rope),
+        _quarter_descriptor(dk, layout, bn, rope),
         lse, delta, *rope_args, h, l_q, l_k, n_tiles, scale * LOG2E, scale, **common,
     )
     _attn_bwd_dq[(b * h * m_tiles,)](
         _descriptor(q, layout, bm, d), _descriptor(k, layout, bn, d), _descriptor(v, layout, bn, d),
         _descriptor(do, layout, bm, d), _descriptor(dq, layout, bm, d),
-        quarter(q, bm), quarter(k, bn), quarter(dq, bm),
+        _quarter_descriptor(q, layout, bm, rope), _quarter_descriptor(k, layout, bn, rope),
+        _quarter_descriptor(dq, layout, bm, rope),
         lse, delta, *rope_args, h, l_q, l_k, m_tiles, scale * LOG2E, scale, **common,
     )
     return dq, dk, dv
