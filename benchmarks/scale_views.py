@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from timing import gpu_name
 
-from fast3r import Fast3R
+from fast3r import Fast3R, Fast3RConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_VIEWS = (1, 10, 100, 500, 1000, 1500)
@@ -87,7 +87,8 @@ def nvml_used_gib() -> float | None:
 def build_model(backend: str, checkpoint: str | None, device: str) -> Fast3R:
     torch.manual_seed(0)  # same random weights for every backend
     if checkpoint:
-        return Fast3R.from_pretrained(checkpoint, backend=backend, device=device, dtype=torch.bfloat16)
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32  # as for random weights
+        return Fast3R.from_pretrained(checkpoint, backend=backend, device=device, dtype=dtype)
     preset = "large" if device == "cuda" else "tiny"
     model = Fast3R(preset)
     if backend == "triton":
@@ -133,13 +134,17 @@ def run(args: argparse.Namespace) -> dict:
         views = sorted(set(args.points) if args.points else {v for v in DEFAULT_VIEWS if v <= args.views} | {args.views})
     backends = args.backend if device == "cuda" else ["torch"]
     if device == "cpu":
-        print(f"No CUDA GPU: running the tiny preset on the CPU with {list(views)} views and the torch backend "
+        what = f"checkpoint {args.checkpoint}" if args.checkpoint else "tiny preset"
+        print(f"No CUDA GPU: running the {what} on the CPU with {list(views)} views and the torch backend "
               "(a smoke run of the benchmark; the large-model numbers need an H100).", flush=True)
     doc = {"gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
            "size": args.size, "image_hw": SIZES[args.size], "preset": "large" if device == "cuda" else "tiny",
            "dtype": "bfloat16" if device == "cuda" else "float32", "checkpoint": args.checkpoint, "records": []}
     for backend in backends:
         model = build_model(backend, args.checkpoint, device)
+        # What actually ran: a checkpoint brings its own architecture.
+        doc["preset"] = next((p for p in ("large", "tiny") if Fast3RConfig.preset(p) == model.config), "custom")
+        doc["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
         timer = StageTimer(model) if device == "cuda" else None
         for n in views:
             record = {"views": n, "size": args.size, "backend": backend, "oom": False}

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 from torch import nn
 
@@ -23,28 +25,63 @@ from .config import Fast3RConfig
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
 PICKLE_NAMES = ("pytorch_model.bin", "model.pth", "model.bin", "pytorch_model.pth")
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 
 
 class CheckpointError(ValueError):
-    """The checkpoint does not match the model: names the offending keys."""
+    """A checkpoint file is unreadable or does not match the model; the message names the file and key."""
 
 
 def resolve(path_or_repo_id: str | os.PathLike) -> tuple[Path, Path | None]:
-    """-> (weights file, config.json or None) for a local directory/file or a Hugging Face hub id."""
-    path = Path(path_or_repo_id)
+    """-> (weights file, config.json or None) for a local directory/file or a Hugging Face hub id.
+
+    An existing local file or directory always wins. Otherwise a string that is a hub id by form (``owner/name``:
+    exactly two names of letters, digits, '-', '_' and '.', no leading './', '../', '/' or '~', no file
+    extension) is downloaded, and any other string or ``os.PathLike`` is a missing local path. Because
+    ``checkpoints/fast3r`` and ``jedyang97/Fast3R_ViT_Large_512`` have the same form, every error about a hub id
+    also says that no such local path exists.
+    """
+    path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
         weights = _weights_in(path)
         config = path / CONFIG_NAME
         return weights, config if config.is_file() else None
     if path.is_file():
+        weights_format(path)  # a config or other non-weights file fails here, before its config is looked for
         config = path.parent / CONFIG_NAME
         return path, config if config.is_file() else None
-    return _download(str(path_or_repo_id))
+    if isinstance(path_or_repo_id, str) and is_hub_id(path_or_repo_id):
+        return _download(path_or_repo_id)
+    resolved = f" (resolved to {path.absolute()})" if str(path.absolute()) != str(path_or_repo_id) else ""
+    raise FileNotFoundError(
+        f"{str(path_or_repo_id)!r} does not exist locally{resolved}{_nearest_existing(path)}. Pass a "
+        "checkpoint directory, a weights file, or a Hugging Face hub id of the form 'owner/name'."
+    )
+
+
+HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+FILE_SUFFIXES = (".safetensors", ".pth", ".bin", ".pt", ".ckpt", *CONFIG_SUFFIXES)
+
+
+def is_hub_id(name: str) -> bool:
+    """``owner/name`` as the hub spells ids; a name ending in a weights or config extension is a file path."""
+    return HUB_NAME.fullmatch(name) is not None and Path(name).suffix.lower() not in FILE_SUFFIXES
+
+
+def _nearest_existing(path: Path) -> str:
+    """'; data/ exists and holds: a, b' for the deepest existing ancestor of a missing path (typos show up)."""
+    parent = path.absolute().parent
+    while not parent.is_dir():
+        parent = parent.parent
+    entries = sorted(p.name for p in parent.iterdir() if not p.name.startswith("."))
+    shown = ", ".join(entries[:8]) + (f" and {len(entries) - 8} more" if len(entries) > 8 else "")
+    return f"; {parent}{os.sep} exists and holds: {shown or 'nothing'}"
 
 
 def _weights_in(directory: Path) -> Path:
     for name in (SAFETENSORS_NAME, *PICKLE_NAMES):
         if (directory / name).is_file():
+            weights_format(directory / name)
             return directory / name
     raise FileNotFoundError(
         f"no weights in {directory}: expected {SAFETENSORS_NAME} or one of {', '.join(PICKLE_NAMES)}"
@@ -52,40 +89,96 @@ def _weights_in(directory: Path) -> Path:
 
 
 def _download(repo_id: str) -> tuple[Path, Path | None]:
-    if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
-        raise FileNotFoundError(f"{repo_id!r} is neither an existing file or directory nor a hub id like 'org/name'")
+    local = Path(repo_id).absolute()
+    # An existing owner directory means a mistyped local path far more often than a hub id: show what it holds.
+    nearby = _nearest_existing(local) if local.parent.is_dir() else ""
+    missing = f"{repo_id!r} is not a local file or directory ({local} does not exist{nearby})"
     try:
         from huggingface_hub import snapshot_download
     except ImportError as err:
         raise FileNotFoundError(
-            f"{repo_id!r} is not a local path; to download it from the Hugging Face hub, "
-            "`pip install huggingface_hub` (or download the files and pass their directory)"
+            f"{missing}; to download it as a Hugging Face hub id, `pip install huggingface_hub` "
+            "(or download the files and pass their directory)"
         ) from err
-    directory = Path(snapshot_download(repo_id, allow_patterns=[CONFIG_NAME, SAFETENSORS_NAME, *PICKLE_NAMES]))
+    try:
+        directory = Path(snapshot_download(repo_id, allow_patterns=[CONFIG_NAME, SAFETENSORS_NAME, *PICKLE_NAMES]))
+    except (OSError, ValueError) as err:  # hub and network errors derive from these
+        raise FileNotFoundError(
+            f"{missing}, and downloading it as a Hugging Face hub id failed: {str(err).splitlines()[0]}"
+        ) from err
     weights = _weights_in(directory)
     config = directory / CONFIG_NAME
     return weights, config if config.is_file() else None
 
 
 def read_config(path: Path) -> Fast3RConfig:
-    with open(path) as f:
-        raw = json.load(f)
+    """The official config.json -> Fast3RConfig; any parse or content error names the file."""
     try:
-        return Fast3RConfig.from_official_args(raw["encoder_args"], raw["decoder_args"], raw["head_args"])
+        raw = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(
+            f"{path} is not valid JSON ({err}); it should hold the official encoder_args, decoder_args and "
+            "head_args: save the checkpoint again or download its config.json again"
+        ) from err
+    if not isinstance(raw, dict):
+        raise CheckpointError(
+            f"{path} holds a JSON {type(raw).__name__}; expected an object with encoder_args, decoder_args and head_args"
+        )
+    sections = ("encoder_args", "decoder_args", "head_args")
+    missing = [k for k in sections if not isinstance(raw.get(k), dict)]
+    if missing:
+        raise CheckpointError(f"{path} lacks the object(s) {', '.join(missing)}; expected the official "
+                              "encoder_args, decoder_args and head_args")
+    try:
+        return Fast3RConfig.from_official_args(*(raw[k] for k in sections))
     except KeyError as err:
         raise CheckpointError(f"{path} lacks {err}; expected the official encoder_args/decoder_args/head_args") from err
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: {err}") from err
+
+
+def weights_format(path: Path) -> str:
+    """'safetensors' or 'torch' (a torch.save file), told by the file's first bytes; anything else is refused."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(10)
+    suffix = path.suffix.lower()
+    if not head:
+        raise CheckpointError(f"{path} is empty (0 bytes): an interrupted download or copy? Download or save it again")
+    if suffix == ".safetensors" or (int.from_bytes(head[:8], "little") + 8 <= size and head[8:10] == b'{"'):
+        return "safetensors"  # an 8-byte header length, then the JSON header
+    if head.startswith((b"PK\x03\x04", b"\x80")):  # zip (torch.save) or a legacy pickle
+        return "torch"
+    if suffix in CONFIG_SUFFIXES or head.lstrip()[:1] in (b"{", b"["):
+        raise CheckpointError(
+            f"{path} is a config file, not weights; pass the checkpoint directory ({path.parent}), which holds "
+            f"{CONFIG_NAME} and {SAFETENSORS_NAME}"
+        )
+    raise CheckpointError(
+        f"{path} is neither safetensors nor a torch.save checkpoint (it starts with {head[:8]!r}); pass "
+        f"{SAFETENSORS_NAME}, a .pth/.bin state dict, or the checkpoint directory"
+    )
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
+    """The tensors of a weights file; a damaged or truncated file raises CheckpointError naming it."""
+    damaged = f"cannot read {path} ({{}}): the file is damaged or truncated (an interrupted download?); download or save it again"
+    if weights_format(path) == "safetensors":
+        try:
+            return load_file(str(path))
+        except SafetensorError as err:
+            raise CheckpointError(damaged.format(err)) from err
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if "weights only" not in str(err).lower():
+            raise CheckpointError(damaged.format(str(err).splitlines()[0])) from err
         raise CheckpointError(
             f"refusing to load {path}: it is a pickle that needs code execution to unpickle "
             f"({str(err).splitlines()[0]}). Re-save it as a plain state dict or as safetensors."
         ) from err
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(damaged.format(str(err).splitlines()[0] if str(err) else type(err).__name__)) from err
     return _unwrap(state, path)
 
 

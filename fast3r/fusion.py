@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .backends import Ops
 from .config import Fast3RConfig
-from .layers import Block
+from .layers import Block, LayerNorm
 
 FUSION_BLOCK_EPS = 1e-5  # the official fusion blocks use nn.LayerNorm's default eps
 FUSION_NORM_EPS = 1e-6
@@ -43,23 +44,25 @@ def sample_image_indices(batch: int, num_views: int, generator: torch.Generator 
 
 
 class FusionTransformer(nn.Module):
-    def __init__(self, cfg: Fast3RConfig):
+    def __init__(self, cfg: Fast3RConfig, ops: Ops):
         super().__init__()
         self.decoder_embed = nn.Linear(cfg.enc_dim, cfg.fusion_dim)
         self.dec_blocks = nn.ModuleList(
-            Block(cfg.fusion_dim, cfg.fusion_heads, cfg.mlp_ratio, FUSION_BLOCK_EPS, fusion_temperature=True)
+            Block(cfg.fusion_dim, cfg.fusion_heads, cfg.mlp_ratio, FUSION_BLOCK_EPS, ops, fusion_temperature=True)
             for _ in range(cfg.fusion_depth)
         )
-        self.dec_norm = nn.LayerNorm(cfg.fusion_dim, eps=FUSION_NORM_EPS)
+        self.dec_norm = LayerNorm(cfg.fusion_dim, FUSION_NORM_EPS, ops)
         self.hooks = cfg.head_hooks
 
     def forward(
-        self, tokens: torch.Tensor, view_sizes: list[int], image_ids: torch.Tensor
+        self, tokens: torch.Tensor, view_sizes: list[int], image_ids: torch.Tensor, attend=None
     ) -> list[torch.Tensor]:
         """Run the fusion blocks and return only the layers the heads read.
 
         tokens: (B, L, enc_dim), the views' encoder tokens concatenated (L = sum(view_sizes));
         image_ids: (B, num_views) image index of each view.
+        attend: ``attend(q, k, v, scale)`` for the blocks' attention instead of the backend's
+        (context parallelism passes one that spans every rank's tokens).
         Returns the 4 hook layers, each (B, L, dim); layer 0 is ``tokens`` itself.
         """
         emb = image_index_embedding(image_ids, self.decoder_embed.out_features)
@@ -68,7 +71,7 @@ class FusionTransformer(nn.Module):
         kept = [tokens]
         depth = len(self.dec_blocks)
         for i, block in enumerate(self.dec_blocks, start=1):
-            x = block(x)
+            x = block(x, attend=attend)
             if i == depth:
                 x = self.dec_norm(x)
             if i in self.hooks:

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .validation import check_loss_inputs
+
 DEFAULT_ALPHA = 0.2
 MIN_SCALE = 1e-8
 
@@ -27,18 +29,21 @@ def fast3r_loss(
     preds: per view, ``pts3d_in_other_view`` (B, H, W, 3) and ``conf`` (B, H, W), plus
         ``pts3d_local`` / ``conf_local`` when the model has a local head.
     gts: per view, ``pts3d`` (B, H, W, 3) world points, ``valid_mask`` (B, H, W) and
-        ``camera_pose`` (B, 4, 4) camera-to-world.
+        ``camera_pose`` (B, 4, 4) camera-to-world. Points at invalid pixels are never read
+        (NaN there is fine); at valid pixels they must be finite, and poses invertible.
     Returns the scalar loss and per-term values: ``conf_global/ii`` and ``regr_global/ii``
     (the conf-weighted term and the plain mean distance), and likewise ``*_local/ii``.
+    Raises ValueError naming the view and key for missing keys, mismatched shapes,
+    non-finite ground truth at a valid pixel or a singular pose.
     """
-    if len(preds) != len(gts) or not preds:
-        raise ValueError(f"got {len(preds)} predictions and {len(gts)} ground truths; need one of each per view")
+    check_loss_inputs(preds, gts)
     valid = [gt["valid_mask"].bool() for gt in gts]
+    gt_points = [_masked(gt["pts3d"].float(), v) for gt, v in zip(gts, valid)]
     world_to_anchor = torch.linalg.inv(gts[0]["camera_pose"].float())
     terms: list[torch.Tensor] = []
     details: dict[str, float] = {}
 
-    gt_global = [_transform(world_to_anchor, gt["pts3d"].float()) for gt in gts]
+    gt_global = [_transform(world_to_anchor, points) for points in gt_points]
     pred_global = [p["pts3d_in_other_view"].float() for p in preds]
     gt_scale, pred_scale = _mean_distance(gt_global, valid), _mean_distance(pred_global, valid)
     for i in range(len(preds)):
@@ -47,12 +52,17 @@ def fast3r_loss(
 
     if "pts3d_local" in preds[0]:
         for i, (pred, gt) in enumerate(zip(preds, gts)):
-            gt_local = _transform(torch.linalg.inv(gt["camera_pose"].float()), gt["pts3d"].float())
+            gt_local = _transform(torch.linalg.inv(gt["camera_pose"].float()), gt_points[i])
             pred_local = pred["pts3d_local"].float()
             scales = _mean_distance([pred_local], [valid[i]]), _mean_distance([gt_local], [valid[i]])
             dist = _distances(pred_local, gt_local, valid[i], *scales)
             terms.append(_term(dist, pred["conf_local"], valid[i], alpha, details, f"local/{i:02d}"))
     return torch.stack(terms).mean(), details
+
+
+def _masked(points: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Zero the points of invalid pixels before any arithmetic, so NaN/Inf there cannot reach the loss."""
+    return torch.where(valid[..., None], points, 0.0)
 
 
 def _transform(matrix: torch.Tensor, points: torch.Tensor) -> torch.Tensor:

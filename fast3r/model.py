@@ -11,22 +11,24 @@ from einops import rearrange
 from torch import nn
 
 from . import checkpoint, memory
+from .backends import BACKENDS, get_ops
 from .config import Fast3RConfig
 from .encoder import Encoder
 from .fusion import FusionTransformer, sample_image_indices
 from .heads import DPTHead
 from .layers import check_patch_grid
 
-BACKENDS = ("torch", "triton")
 Images = torch.Tensor | Sequence[torch.Tensor]
 
 
 class Fast3R(nn.Module):
     """The Fast3R network with the official state-dict layout.
 
-    ``backend="torch"`` runs stock PyTorch ops; ``backend="triton"`` swaps attention,
-    LayerNorm and patch embedding for the fused kernels of ``fast3r_kernels`` (same
-    parameters, same state dict).
+    The backend is chosen when the layers are built: ``backend="torch"`` runs stock PyTorch
+    ops; ``backend="triton"`` runs attention (with fused RoPE-2D), LayerNorm (with the fused
+    residual add) and patch embedding on the kernels of ``fast3r_kernels``. The state dict
+    is the same either way. A new model starts in train mode, like any nn.Module: call
+    ``.eval()`` for inference (``from_pretrained`` returns it in eval mode).
     """
 
     def __init__(self, cfg: Fast3RConfig | str = "large", backend: str = "torch"):
@@ -35,14 +37,11 @@ class Fast3R(nn.Module):
             raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
         self.config = Fast3RConfig.preset(cfg) if isinstance(cfg, str) else cfg
         self.backend = backend
-        self.encoder = Encoder(self.config)
-        self.decoder = FusionTransformer(self.config)
+        ops = get_ops(backend)
+        self.encoder = Encoder(self.config, ops)
+        self.decoder = FusionTransformer(self.config, ops)
         self.downstream_head = DPTHead(self.config)
         self.downstream_head_local = DPTHead(self.config) if self.config.with_local_head else None
-        if backend == "triton":
-            from fast3r_kernels import accelerate
-
-            accelerate(self)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -75,7 +74,7 @@ class Fast3R(nn.Module):
         sizes = [gh * gw for gh, gw in grids]
         offsets = [0, *torch.tensor(sizes).cumsum(0).tolist()]
         tokens = self._encode(views, grids, offsets, encoder_chunk)
-        ids = self._image_ids(image_ids, seed, views[0].shape[0], len(views)).to(tokens.device)
+        ids = _to_device(self._image_ids(image_ids, seed, views[0].shape[0], len(views)), tokens.device)
         hooks = self.decoder(tokens, sizes, ids)
         del tokens  # hooks[0] holds it; nothing else may
         return self._predict(hooks, grids, offsets, batched, head_chunk)
@@ -124,10 +123,9 @@ class Fast3R(nn.Module):
 
     def _image_ids(self, image_ids: str | torch.Tensor, seed: int | None, batch: int, num_views: int) -> torch.Tensor:
         if isinstance(image_ids, torch.Tensor):
-            ids = image_ids.long().expand(batch, num_views) if image_ids.dim() == 1 else image_ids.long()
-            if ids.shape != (batch, num_views):
-                raise ValueError(f"image_ids has shape {tuple(image_ids.shape)}; expected ({num_views},) or ({batch}, {num_views})")
-            return ids
+            from .validation import check_image_ids
+
+            return check_image_ids(image_ids, batch, num_views)
         if image_ids == "auto":
             image_ids = "random" if self.config.random_image_index else "sequential"
         if image_ids == "sequential":
@@ -169,18 +167,28 @@ class Fast3R(nn.Module):
 
 
 def _as_views(images: Images, patch: int) -> tuple[list[torch.Tensor], bool]:
-    """-> per-view (B, 3, H, W) tensors, and whether the caller passed a batch of scenes."""
+    """-> per-view (B, 3, H, W) tensors, and whether the caller passed a batch of scenes.
+
+    The input is checked here, once: shape, dtype, at least one view and scene, and float values
+    (finite, in [-1, 1]; see ``validation.check_float_images``).
+    """
+    from .validation import check_float_images
+
     if isinstance(images, torch.Tensor):
-        if images.dim() == 4:
-            views, batched = list(images.unsqueeze(1)), False
-        elif images.dim() == 5:
-            views, batched = list(images.transpose(0, 1)), True
-        else:
+        if images.dim() not in (4, 5):
             raise ValueError(f"images has shape {tuple(images.shape)}; expected (N, 3, H, W) or (B, N, 3, H, W)")
-    elif isinstance(images, Sequence) and images and all(isinstance(v, torch.Tensor) for v in images):
+        if 0 in images.shape[:-3]:
+            raise ValueError(f"images has shape {tuple(images.shape)}: no view to reconstruct; pass at least one")
+        batched = images.dim() == 5
+        by_view = images.transpose(0, 1) if batched else images  # view index first, no copy
+        views = list(by_view) if batched else list(images.unsqueeze(1))
+    elif isinstance(images, Sequence) and all(isinstance(v, torch.Tensor) for v in images):
+        if not images:
+            raise ValueError("images is an empty list; pass a non-empty list of (3, H, W) tensors, one per view")
         if any(v.dim() != 3 for v in images):
             raise ValueError("a list of images must hold (3, H, W) tensors, one per view")
         views, batched = [v.unsqueeze(0) for v in images], False
+        by_view = views
     else:
         raise TypeError("images must be a tensor (N, 3, H, W) / (B, N, 3, H, W) or a non-empty list of (3, H, W) tensors")
     if len({v.dtype == torch.uint8 for v in views}) > 1:
@@ -191,7 +199,15 @@ def _as_views(images: Images, patch: int) -> tuple[list[torch.Tensor], bool]:
         if not (v.dtype.is_floating_point or v.dtype == torch.uint8):
             raise TypeError(f"view {i} has dtype {v.dtype}; pass float images in [-1, 1] or uint8 RGB")
         check_patch_grid(v.shape[-2], v.shape[-1], patch)
+    check_float_images(by_view)
     return views, batched
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small host tensor to ``device`` without waiting for the GPU (pinned, asynchronous)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _to_model(view: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -33,9 +33,13 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._config import cast, check_device, check_float, mma, precision
+from . import tuning
+from ._config import autocast_dtype, cast, check_device, check_float, device_guard, mma, precision
 
 HEAD_DIMS = (32, 64, 128)
+# RoPE rotates quarters of the head: at D=32 a quarter-width product has K=8, below the
+# tensor cores' (and tl.dot's) minimum of 16, so RoPE needs D >= 64.
+ROPE_HEAD_DIMS = (64, 128)
 LAYOUTS = ("BLHD", "BHLD")
 LOG2E = 1.4426950408889634
 
@@ -61,35 +65,41 @@ def _store(desc, b, h, row, col, tile, ROWS: tl.constexpr, COLS: tl.constexpr, B
 
 # ------------------------------------------------------------------------ RoPE
 @triton.jit
-def _cos_sin(POS, COS, SIN, pos_b, rows, L, spos_l, spos_c, QUARTER: tl.constexpr):
-    """cos/sin (ROWS, QUARTER) of the tokens' y and x angles, from the (n_pos, QUARTER) tables."""
+def _cos_sin(POS, COS, SIN, pos_b, rows, L, spos_l, spos_c, n_pos, QUARTER: tl.constexpr):
+    """cos/sin (ROWS, QUARTER) of the tokens' y and x angles, from the (n_pos, QUARTER) tables.
+
+    Positions are clamped to the table, so a position the caller promised to keep below
+    n_pos but did not can never read outside it.
+    """
     ok = rows < L
     ptrs = POS + pos_b + rows.to(tl.int64) * spos_l
-    py = tl.load(ptrs, mask=ok, other=0).to(tl.int32)[:, None] * QUARTER
-    px = tl.load(ptrs + spos_c, mask=ok, other=0).to(tl.int32)[:, None] * QUARTER
+    py = tl.load(ptrs, mask=ok, other=0).to(tl.int32)
+    px = tl.load(ptrs + spos_c, mask=ok, other=0).to(tl.int32)
+    py = tl.minimum(tl.maximum(py, 0), n_pos - 1)[:, None] * QUARTER
+    px = tl.minimum(tl.maximum(px, 0), n_pos - 1)[:, None] * QUARTER
     f = tl.arange(0, QUARTER)[None, :]
     return tl.load(COS + py + f), tl.load(SIN + py + f), tl.load(COS + px + f), tl.load(SIN + px + f)
 
 
 @triton.jit
-def _rotated_quarters(desc4, b, h, row, L, POS, COS, SIN, pos_b, spos_l, spos_c,
+def _rotated_quarters(desc4, b, h, row, L, POS, COS, SIN, pos_b, spos_l, spos_c, n_pos,
                       ROWS: tl.constexpr, QUARTER: tl.constexpr, BHLD: tl.constexpr, PRECISION: tl.constexpr):
     """Load rows of q or k as four (ROWS, QUARTER) quarters and rotate them by RoPE-2D, in fp32."""
     x0 = _load(desc4, b, h, row, 0, ROWS, QUARTER, BHLD).to(tl.float32)
     x1 = _load(desc4, b, h, row, QUARTER, ROWS, QUARTER, BHLD).to(tl.float32)
     x2 = _load(desc4, b, h, row, 2 * QUARTER, ROWS, QUARTER, BHLD).to(tl.float32)
     x3 = _load(desc4, b, h, row, 3 * QUARTER, ROWS, QUARTER, BHLD).to(tl.float32)
-    cy, sy, cx, sx = _cos_sin(POS, COS, SIN, pos_b, row + tl.arange(0, ROWS), L, spos_l, spos_c, QUARTER)
+    cy, sy, cx, sx = _cos_sin(POS, COS, SIN, pos_b, row + tl.arange(0, ROWS), L, spos_l, spos_c, n_pos, QUARTER)
     dtype: tl.constexpr = desc4.dtype
     return (cast(x0 * cy - x1 * sy, dtype, PRECISION), cast(x1 * cy + x0 * sy, dtype, PRECISION),
             cast(x2 * cx - x3 * sx, dtype, PRECISION), cast(x3 * cx + x2 * sx, dtype, PRECISION))
 
 
 @triton.jit
-def _store_unrotated(desc4, b, h, row, g0, g1, g2, g3, L, POS, COS, SIN, pos_b, spos_l, spos_c,
+def _store_unrotated(desc4, b, h, row, g0, g1, g2, g3, L, POS, COS, SIN, pos_b, spos_l, spos_c, n_pos,
                      ROWS: tl.constexpr, QUARTER: tl.constexpr, BHLD: tl.constexpr, PRECISION: tl.constexpr):
     """Store gradient quarters taken w.r.t. rotated q/k as gradients w.r.t. the inputs (inverse rotation)."""
-    cy, sy, cx, sx = _cos_sin(POS, COS, SIN, pos_b, row + tl.arange(0, ROWS), L, spos_l, spos_c, QUARTER)
+    cy, sy, cx, sx = _cos_sin(POS, COS, SIN, pos_b, row + tl.arange(0, ROWS), L, spos_l, spos_c, n_pos, QUARTER)
     dtype: tl.constexpr = desc4.dtype
     _store(desc4, b, h, row, 0, cast(g0 * cy + g1 * sy, dtype, PRECISION), ROWS, QUARTER, BHLD)
     _store(desc4, b, h, row, QUARTER, cast(g1 * cy - g0 * sy, dtype, PRECISION), ROWS, QUARTER, BHLD)
@@ -98,12 +108,12 @@ def _store_unrotated(desc4, b, h, row, g0, g1, g2, g3, L, POS, COS, SIN, pos_b, 
 
 
 @triton.jit
-def _q_or_k(desc, desc4, b, h, row, L, POS, COS, SIN, pos_b, spos_l, spos_c,
+def _q_or_k(desc, desc4, b, h, row, L, POS, COS, SIN, pos_b, spos_l, spos_c, n_pos,
             ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BHLD: tl.constexpr, ROPE: tl.constexpr,
             PRECISION: tl.constexpr):
     """q or k rows: four rotated quarters with RoPE, else the full tile (repeated, the extra three unused)."""
     if ROPE:
-        x0, x1, x2, x3 = _rotated_quarters(desc4, b, h, row, L, POS, COS, SIN, pos_b, spos_l, spos_c,
+        x0, x1, x2, x3 = _rotated_quarters(desc4, b, h, row, L, POS, COS, SIN, pos_b, spos_l, spos_c, n_pos,
                                            ROWS, HEAD_DIM // 4, BHLD, PRECISION)
     else:
         x0 = _load(desc, b, h, row, 0, ROWS, HEAD_DIM, BHLD)
@@ -126,7 +136,7 @@ def _scores(a0, a1, a2, a3, b0, b1, b2, b3, ROWS: tl.constexpr, COLS: tl.constex
 # --------------------------------------------------------------------- forward
 @triton.jit
 def _attn_fwd(
-    q_desc, k_desc, v_desc, o_desc, q4_desc, k4_desc, LSE, POS, COS, SIN, spos_b, spos_l, spos_c,
+    q_desc, k_desc, v_desc, o_desc, q4_desc, k4_desc, LSE, POS, COS, SIN, spos_b, spos_l, spos_c, n_pos,
     H, L_Q, L_K, m_tiles, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BHLD: tl.constexpr,
     ROPE: tl.constexpr, RETURN_LSE: tl.constexpr, PRECISION: tl.constexpr,
@@ -135,7 +145,7 @@ def _attn_fwd(
     bh, start_m = pid // m_tiles, (pid % m_tiles) * BLOCK_M
     b, h = bh // H, bh % H
     pos_b = b.to(tl.int64) * spos_b
-    q0, q1, q2, q3 = _q_or_k(q_desc, q4_desc, b, h, start_m, L_Q, POS, COS, SIN, pos_b, spos_l, spos_c,
+    q0, q1, q2, q3 = _q_or_k(q_desc, q4_desc, b, h, start_m, L_Q, POS, COS, SIN, pos_b, spos_l, spos_c, n_pos,
                              BLOCK_M, HEAD_DIM, BHLD, ROPE, PRECISION)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -144,11 +154,11 @@ def _attn_fwd(
     full = (L_K // BLOCK_N) * BLOCK_N
     for start_n in range(0, full, BLOCK_N):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q0, q1, q2, q3, k_desc, k4_desc, v_desc, b, h, start_n, L_K,
-                                  POS, COS, SIN, pos_b, spos_l, spos_c, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                  POS, COS, SIN, pos_b, spos_l, spos_c, n_pos, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM,
                                   BHLD, ROPE, False, PRECISION)
     if full < L_K:
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q0, q1, q2, q3, k_desc, k4_desc, v_desc, b, h, full, L_K,
-                                  POS, COS, SIN, pos_b, spos_l, spos_c, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                  POS, COS, SIN, pos_b, spos_l, spos_c, n_pos, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM,
                                   BHLD, ROPE, True, PRECISION)
     out = cast(acc / l_i[:, None], o_desc.dtype, PRECISION)
     _store(o_desc, b, h, start_m, 0, out, BLOCK_M, HEAD_DIM, BHLD)
@@ -160,10 +170,10 @@ def _attn_fwd(
 
 @triton.jit
 def _fwd_tile(acc, m_i, l_i, q0, q1, q2, q3, k_desc, k4_desc, v_desc, b, h, start_n, L_K,
-              POS, COS, SIN, pos_b, spos_l, spos_c, qk_scale,
+              POS, COS, SIN, pos_b, spos_l, spos_c, n_pos, qk_scale,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BHLD: tl.constexpr,
               ROPE: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
-    k0, k1, k2, k3 = _q_or_k(k_desc, k4_desc, b, h, start_n, L_K, POS, COS, SIN, pos_b, spos_l, spos_c,
+    k0, k1, k2, k3 = _q_or_k(k_desc, k4_desc, b, h, start_n, L_K, POS, COS, SIN, pos_b, spos_l, spos_c, n_pos,
                              BLOCK_N, HEAD_DIM, BHLD, ROPE, PRECISION)
     s = _scores(q0, q1, q2, q3, k0, k1, k2, k3, BLOCK_M, BLOCK_N, ROPE, PRECISION)
     if MASK:  # keys past L_K were zero-filled: a -inf column bias excludes them from the softmax
@@ -224,13 +234,13 @@ def _accumulate(g0, g1, g2, g3, lhs, r0, r1, r2, r3, ROPE: tl.constexpr, PRECISI
 
 
 @triton.jit
-def _store_grad(desc, desc4, b, h, row, g0, g1, g2, g3, sm_scale, L, POS, COS, SIN, pos_b, spos_l, spos_c,
+def _store_grad(desc, desc4, b, h, row, g0, g1, g2, g3, sm_scale, L, POS, COS, SIN, pos_b, spos_l, spos_c, n_pos,
                 ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BHLD: tl.constexpr, ROPE: tl.constexpr,
                 PRECISION: tl.constexpr):
     """Scale a dq/dk accumulator by the softmax scale and store it, un-rotating it with RoPE."""
     if ROPE:
         _store_unrotated(desc4, b, h, row, g0 * sm_scale, g1 * sm_scale, g2 * sm_scale, g3 * sm_scale,
-                         L, POS, COS, SIN, pos_b, spos_l, spos_c, ROWS, HEAD_DIM // 4, BHLD, PRECISION)
+                         L, POS, COS, SIN, pos_b, spos_l, spos_c, n_pos, ROWS, HEAD_DIM // 4, BHLD, PRECISION)
     else:
         _store(desc, b, h, row, 0, cast(g0 * sm_scale, desc.dtype, PRECISION), ROWS, HEAD_DIM, BHLD)
 
@@ -245,7 +255,7 @@ def _probabilities(s, lse2, rows, cols, L_Q, L_K, qk_scale):
 @triton.jit
 def _attn_bwd_dkdv(
     q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, q4_desc, k4_desc, dk4_desc,
-    LSE, DELTA, POS, COS, SIN, spos_b, spos_l, spos_c, H, L_Q, L_K, n_tiles, qk_scale, sm_scale,
+    LSE, DELTA, POS, COS, SIN, spos_b, spos_l, spos_c, n_pos, H, L_Q, L_K, n_tiles, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BHLD: tl.constexpr,
     ROPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -254,14 +264,14 @@ def _attn_bwd_dkdv(
     b, h = bh // H, bh % H
     pos_b = b.to(tl.int64) * spos_b
     cols = start_n + tl.arange(0, BLOCK_N)
-    k0, k1, k2, k3 = _q_or_k(k_desc, k4_desc, b, h, start_n, L_K, POS, COS, SIN, pos_b, spos_l, spos_c,
+    k0, k1, k2, k3 = _q_or_k(k_desc, k4_desc, b, h, start_n, L_K, POS, COS, SIN, pos_b, spos_l, spos_c, n_pos,
                              BLOCK_N, HEAD_DIM, BHLD, ROPE, PRECISION)
     v = _load(v_desc, b, h, start_n, 0, BLOCK_N, HEAD_DIM, BHLD)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dk0, dk1, dk2, dk3 = _zero_grads(BLOCK_N, HEAD_DIM, ROPE)
     for start_m in range(0, L_Q, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        q0, q1, q2, q3 = _q_or_k(q_desc, q4_desc, b, h, start_m, L_Q, POS, COS, SIN, pos_b, spos_l, spos_c,
+        q0, q1, q2, q3 = _q_or_k(q_desc, q4_desc, b, h, start_m, L_Q, POS, COS, SIN, pos_b, spos_l, spos_c, n_pos,
                                  BLOCK_M, HEAD_DIM, BHLD, ROPE, PRECISION)
         do = _load(do_desc, b, h, start_m, 0, BLOCK_M, HEAD_DIM, BHLD)
         lse2, delta = _row_stats(LSE, DELTA, bh, rows, L_Q)
@@ -273,13 +283,13 @@ def _attn_bwd_dkdv(
         dk0, dk1, dk2, dk3 = _accumulate(dk0, dk1, dk2, dk3, ds_t, q0, q1, q2, q3, ROPE, PRECISION)
     _store(dv_desc, b, h, start_n, 0, cast(dv, dv_desc.dtype, PRECISION), BLOCK_N, HEAD_DIM, BHLD)
     _store_grad(dk_desc, dk4_desc, b, h, start_n, dk0, dk1, dk2, dk3, sm_scale, L_K, POS, COS, SIN, pos_b,
-                spos_l, spos_c, BLOCK_N, HEAD_DIM, BHLD, ROPE, PRECISION)
+                spos_l, spos_c, n_pos, BLOCK_N, HEAD_DIM, BHLD, ROPE, PRECISION)
 
 
 @triton.jit
 def _attn_bwd_dq(
     q_desc, k_desc, v_desc, do_desc, dq_desc, q4_desc, k4_desc, dq4_desc,
-    LSE, DELTA, POS, COS, SIN, spos_b, spos_l, spos_c, H, L_Q, L_K, m_tiles, qk_scale, sm_scale,
+    LSE, DELTA, POS, COS, SIN, spos_b, spos_l, spos_c, n_pos, H, L_Q, L_K, m_tiles, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BHLD: tl.constexpr,
     ROPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -288,14 +298,14 @@ def _attn_bwd_dq(
     b, h = bh // H, bh % H
     pos_b = b.to(tl.int64) * spos_b
     rows = start_m + tl.arange(0, BLOCK_M)
-    q0, q1, q2, q3 = _q_or_k(q_desc, q4_desc, b, h, start_m, L_Q, POS, COS, SIN, pos_b, spos_l, spos_c,
+    q0, q1, q2, q3 = _q_or_k(q_desc, q4_desc, b, h, start_m, L_Q, POS, COS, SIN, pos_b, spos_l, spos_c, n_pos,
                              BLOCK_M, HEAD_DIM, BHLD, ROPE, PRECISION)
     do = _load(do_desc, b, h, start_m, 0, BLOCK_M, HEAD_DIM, BHLD)
     lse2, delta = _row_stats(LSE, DELTA, bh, rows, L_Q)
     dq0, dq1, dq2, dq3 = _zero_grads(BLOCK_M, HEAD_DIM, ROPE)
     for start_n in range(0, L_K, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k0, k1, k2, k3 = _q_or_k(k_desc, k4_desc, b, h, start_n, L_K, POS, COS, SIN, pos_b, spos_l, spos_c,
+        k0, k1, k2, k3 = _q_or_k(k_desc, k4_desc, b, h, start_n, L_K, POS, COS, SIN, pos_b, spos_l, spos_c, n_pos,
                                  BLOCK_N, HEAD_DIM, BHLD, ROPE, PRECISION)
         v = _load(v_desc, b, h, start_n, 0, BLOCK_N, HEAD_DIM, BHLD)
         s = _scores(q0, q1, q2, q3, k0, k1, k2, k3, BLOCK_M, BLOCK_N, ROPE, PRECISION)
@@ -304,46 +314,51 @@ def _attn_bwd_dq(
         ds = cast(p * (dp - delta[:, None]), do.dtype, PRECISION)
         dq0, dq1, dq2, dq3 = _accumulate(dq0, dq1, dq2, dq3, ds, k0, k1, k2, k3, ROPE, PRECISION)
     _store_grad(dq_desc, dq4_desc, b, h, start_m, dq0, dq1, dq2, dq3, sm_scale, L_Q, POS, COS, SIN, pos_b,
-                spos_l, spos_c, BLOCK_M, HEAD_DIM, BHLD, ROPE, PRECISION)
+                spos_l, spos_c, n_pos, BLOCK_M, HEAD_DIM, BHLD, ROPE, PRECISION)
 
 
 # ------------------------------------------------------------------- launchers
-# Measured on the H100 (benchmarks/NOTES.md): 4-warp CTAs on 64-row tiles, several per SM, without
-# RoPE (64-key tiles, 128 from 32k keys on); with RoPE one 256-row tile per head, so K is rotated once.
-FWD_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
-FWD_LONG_BLOCKS = {**FWD_BLOCKS, "BLOCK_N": 128}
-FWD_ROPE_BLOCKS = {"BLOCK_M": 256, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
-LONG_SEQUENCE = 32768
-BWD_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+def rope_tables(n_pos: int, head_dim: int, base: float, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin tables (n_pos, head_dim/4): angle pos * base^(-2i / (head_dim/2)), i < head_dim/4.
+
+    The one definition of RoPE-2D's angles: the kernels read these tables and the PyTorch
+    reference (``fast3r.layers.RoPE2D``) rotates with the same values. Cached per size and
+    device; built outside inference mode, so a table first made under
+    ``torch.inference_mode()`` can still be saved for a later backward.
+    """
+    return _rope_tables(int(n_pos), int(head_dim), float(base), torch.device(device))
 
 
-def forward_blocks(keys: int, rope: bool) -> dict:
-    """The measured default tiling for a sequence of ``keys`` keys, with or without RoPE."""
-    if rope:
-        return FWD_ROPE_BLOCKS
-    return FWD_LONG_BLOCKS if keys >= LONG_SEQUENCE else FWD_BLOCKS
-
-
-@functools.lru_cache(maxsize=16)
-def rope_tables(n_pos: int, head_dim: int, base: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos/sin tables (n_pos, head_dim/4): angle pos * base^(-2i / (head_dim/2)), as RoPE2D computes it."""
+@functools.lru_cache(maxsize=32)
+def _rope_tables(n_pos: int, head_dim: int, base: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     half = head_dim // 2
-    inv_freq = 1.0 / (base ** (torch.arange(0, half, 2, device=device).float() / half))
-    angles = torch.outer(torch.arange(n_pos, device=device, dtype=torch.float32), inv_freq)
-    return angles.cos().contiguous(), angles.sin().contiguous()
+    with torch.inference_mode(False), torch.no_grad():
+        inv_freq = 1.0 / (base ** (torch.arange(0, half, 2, device=device).float() / half))
+        angles = torch.outer(torch.arange(n_pos, device=device, dtype=torch.float32), inv_freq)
+        return angles.cos().contiguous(), angles.sin().contiguous()
 
 
-def _rope_inputs(pos: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(positions, cos, sin) for the kernels; reads pos.min/max (one small device sync)."""
-    lowest, highest = (int(v) for v in pos.aminmax())
-    if lowest < 0:
-        raise ValueError(f"rope_pos holds {lowest}; token positions must be >= 0")
-    return (pos, *rope_tables(highest + 1, head_dim, base, pos.device))
+def _rope_inputs(pos: torch.Tensor, head_dim: int, base: float, n_pos: int | None):
+    """(positions, cos, sin) for the kernels.
+
+    With ``n_pos`` known on the host (the patch grid) there is no device sync; positions are
+    clamped to the table inside the kernel. Without it, pos.min/max are read (one sync).
+    """
+    if n_pos is None:
+        lowest, highest = (int(v) for v in pos.aminmax())
+        if lowest < 0:
+            raise ValueError(f"rope_pos holds {lowest}; token positions must be >= 0")
+        n_pos = highest + 1
+    return (pos, *rope_tables(n_pos, head_dim, base, pos.device))
 
 
 def _tma_ready(t: torch.Tensor) -> torch.Tensor:
-    """t itself if TMA can address it (16-byte aligned base and strides), else a contiguous copy."""
-    aligned = t.data_ptr() % 16 == 0 and all(
+    """t itself if TMA can address it (unit last stride, 16-byte aligned base and other strides), else a copy.
+
+    The descriptors assume a unit last stride: an incoming gradient with any other (an
+    expanded or transposed dO) must be copied, or its elements would be read as if packed.
+    """
+    aligned = (t.stride(-1) == 1 or t.shape[-1] == 1) and t.data_ptr() % 16 == 0 and all(
         s > 0 and (s * t.element_size()) % 16 == 0 for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
     return t if aligned else t.contiguous()
 
@@ -368,10 +383,11 @@ def _dims(t: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
 
 
 def _rope_args(rope) -> tuple:
+    """POS, COS, SIN, spos_b, spos_l, spos_c, n_pos of the kernels."""
     if rope is None:
-        return None, None, None, 0, 0, 0
+        return None, None, None, 0, 0, 0, 1
     pos, cos, sin = rope
-    return pos, cos, sin, *pos.stride()
+    return pos, cos, sin, *pos.stride(), cos.shape[0]
 
 
 def attention_forward(q, k, v, scale: float, layout: str, rope=None, return_lse: bool = False, **blocks):
@@ -379,7 +395,7 @@ def attention_forward(q, k, v, scale: float, layout: str, rope=None, return_lse:
     q, k, v = (_tma_ready(t) for t in (q, k, v))
     b, h, l_q, d = _dims(q, layout)
     l_k = _dims(k, layout)[2]
-    cfg = {**forward_blocks(l_k, rope is not None), **blocks}
+    cfg = {**tuning.attention_forward_blocks(l_k, rope is not None, q.dtype), **blocks}
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((b, h, l_q), dtype=torch.float32, device=q.device) if return_lse else None
@@ -400,7 +416,7 @@ def attention_backward(do, q, k, v, out, lse, scale: float, layout: str, rope=No
     do, q, k, v = (_tma_ready(t) for t in (do, q, k, v))
     b, h, l_q, d = _dims(q, layout)
     l_k = _dims(k, layout)[2]
-    cfg = {**BWD_BLOCKS, **blocks}
+    cfg = {**tuning.attention_backward_blocks(q.dtype), **blocks}
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     m_tiles, n_tiles = triton.cdiv(l_q, bm), triton.cdiv(l_k, bn)
     bhld = layout == "BHLD"
@@ -429,10 +445,11 @@ def attention_backward(do, q, k, v, out, lse, scale: float, layout: str, rope=No
 
 class AttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, layout, rope_pos, rope_base, return_lse):
-        rope = _rope_inputs(rope_pos, q.shape[-1], rope_base) if rope_pos is not None else None
-        needs_lse = return_lse or any(ctx.needs_input_grad[:3])
-        out, lse = attention_forward(q, k, v, scale, layout, rope, needs_lse)
+    def forward(ctx, q, k, v, scale, layout, rope_pos, rope_base, rope_num_pos, return_lse):
+        with device_guard(q.device):
+            rope = _rope_inputs(rope_pos, q.shape[-1], rope_base, rope_num_pos) if rope_pos is not None else None
+            needs_lse = return_lse or any(ctx.needs_input_grad[:3])
+            out, lse = attention_forward(q, k, v, scale, layout, rope, needs_lse)
         ctx.save_for_backward(q, k, v, out, lse, *(rope or ()))
         ctx.scale, ctx.layout = scale, layout
         if return_lse:
@@ -443,8 +460,14 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, *_):
         q, k, v, out, lse, *rope = ctx.saved_tensors
-        dq, dk, dv = attention_backward(do, q, k, v, out, lse, ctx.scale, ctx.layout, tuple(rope) or None)
-        return dq, dk, dv, None, None, None, None, None
+        with device_guard(q.device):
+            dq, dk, dv = attention_backward(do, q, k, v, out, lse, ctx.scale, ctx.layout, tuple(rope) or None)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def default_scale(head_dim: int) -> float:
+    """The softmax scale when none is given: 1/sqrt(head dim)."""
+    return head_dim**-0.5
 
 
 def attention(
@@ -456,6 +479,7 @@ def attention(
     layout: str = "BLHD",
     rope_pos: torch.Tensor | None = None,
     rope_base: float = 100.0,
+    rope_num_pos: int | None = None,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """softmax(scale * q k^T) v over all keys (no mask), per batch and head.
@@ -463,22 +487,30 @@ def attention(
     q: (B, L_Q, H, D) for ``layout="BLHD"`` (the view of a packed qkv projection, any
        token stride) or (B, H, L_Q, D) for ``"BHLD"``; k, v likewise with L_K keys.
        D in {32, 64, 128}; bf16, fp16 or fp32 (fp32 computes with fp32 products).
+       Under autocast, q, k, v are cast to the autocast dtype (as SDPA does).
     scale: softmax scale, default 1/sqrt(D) (Fast3R's fusion blocks pass their temperature).
     rope_pos: optional (B, L, 2) integer (y, x) token positions; q and k are then rotated
-       by RoPE-2D with ``rope_base`` inside the kernel (self-attention, L_Q == L_K).
+       by RoPE-2D with ``rope_base`` inside the kernel (self-attention, L_Q == L_K, D in {64, 128}).
+    rope_num_pos: positions lie in [0, rope_num_pos) (the patch grid's larger side). Given,
+       the call never waits for the GPU (CUDA-graph safe; positions are clamped to that
+       range); omitted, the positions are read once to size and check the angle table.
     return_lse: also return the natural-log sum-exp of each row's scaled scores,
        (B, H, L_Q) fp32, to merge partial attentions computed over key shards.
     Returns the output in q's layout (and the LSE). Views whose base or strides are not
-    16-byte aligned are copied once (the kernels read through TMA descriptors).
+    16-byte aligned, or whose last stride is not 1, are copied once (the kernels read through
+    TMA descriptors). Not supported: masks, dropout, causal attention, RoPE at D=32.
     """
-    _check(q, k, v, layout, rope_pos)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    cast_to = autocast_dtype(q.device)
+    if cast_to is not None:
+        q, k, v = (t.to(cast_to) for t in (q, k, v))
+    _check(q, k, v, layout, rope_pos, rope_num_pos)
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     if not (scale > 0 and math.isfinite(scale)):
         raise ValueError(f"scale={scale}; the softmax scale must be a positive finite number")
-    return AttentionFunction.apply(q, k, v, scale, layout, rope_pos, float(rope_base), return_lse)
+    return AttentionFunction.apply(q, k, v, scale, layout, rope_pos, float(rope_base), rope_num_pos, return_lse)
 
 
-def _check(q, k, v, layout, rope_pos) -> None:
+def _check(q, k, v, layout, rope_pos, rope_num_pos) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}; use 'BLHD' (batch, tokens, heads, dim) or 'BHLD'")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -507,3 +539,9 @@ def _check(q, k, v, layout, rope_pos) -> None:
             raise ValueError(f"rope_pos has shape {tuple(rope_pos.shape)}; expected ({b}, {l_q}, 2) (y, x) per token")
         if lk != l_q:
             raise ValueError("rope_pos needs self-attention (q and k of equal length)")
+        if d not in ROPE_HEAD_DIMS:
+            raise ValueError(f"RoPE at head dim {d} is not supported (its quarter-width products would be {d // 4} "
+                             f"wide, below the tensor cores' 16); RoPE head dims: {ROPE_HEAD_DIMS}. Apply RoPE "
+                             "before the call and pass rope_pos=None, or use a larger head dim")
+        if rope_num_pos is not None and not (isinstance(rope_num_pos, int) and rope_num_pos >= 1):
+            raise ValueError(f"rope_num_pos={rope_num_pos!r}; pass the number of positions, an int >= 1")

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import cast, check_device, check_float, precision
+from ._config import autocast_dtype, cast, check_device, check_float, device_guard, precision
 
 MAX_WIDTH = 8192
 
@@ -125,16 +125,26 @@ def layer_norm_forward(
     eps: float,
     residual: torch.Tensor | None = None,
     *,
+    residual_out: torch.Tensor | None = None,
     rows: int | None = None,
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """-> (y, x + residual or None, mean, rstd); x: (..., N), normalized over N."""
+    """-> (y, x + residual or None, mean, rstd); x: (..., N), normalized over N.
+
+    ``residual_out``: a contiguous buffer of x's shape for x + residual (it may be x or
+    residual itself: each row is read before it is written), instead of a new tensor.
+    """
     n = x.shape[-1]
     x2 = _as_rows(x, n)
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     res2 = _as_rows(residual, n) if residual is not None else None
-    res_out = torch.empty_like(y) if residual is not None else None
+    if residual is None:
+        res_out = None
+    elif residual_out is not None:
+        res_out = residual_out.view(m, n)
+    else:
+        res_out = torch.empty_like(y)
     mean = torch.empty(m, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     block_n, rows, num_warps = launch_shape(n, rows, num_warps, backward=False)
@@ -189,7 +199,8 @@ def layer_norm_backward(
 class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, eps):
-        y, res_out, mean, rstd = layer_norm_forward(x, weight, bias, eps, residual)
+        with device_guard(x.device):
+            y, res_out, mean, rstd = layer_norm_forward(x, weight, bias, eps, residual)
         ctx.save_for_backward(res_out if residual is not None else x, weight, mean, rstd)
         ctx.fused_residual = residual is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -201,7 +212,8 @@ class LayerNormFunction(torch.autograd.Function):
         d_res_out, dy = grads if ctx.fused_residual else (None, grads[0])
         if dy is None:
             dy = torch.zeros_like(x)
-        dx, dweight, dbias = layer_norm_backward(dy, x, weight, mean, rstd, d_res_out)
+        with device_guard(x.device):
+            dx, dweight, dbias = layer_norm_backward(dy, x, weight, mean, rstd, d_res_out)
         dbias = dbias.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
         return dx, dweight, dbias, (dx if ctx.fused_residual else None), None
 
@@ -216,8 +228,11 @@ def layer_norm(
     """LayerNorm of x over its last dimension (width <= 8192), statistics in fp32.
 
     With ``residual``, returns ``(x + residual, layer_norm(x + residual))``, the two
-    tensors a pre-norm block needs, in one pass. Outputs have x's dtype.
+    tensors a pre-norm block needs, in one pass. Outputs have x's dtype; under autocast
+    they are fp32, as ``nn.LayerNorm`` gives there.
     """
+    if autocast_dtype(x.device) is not None:
+        x, weight, bias, residual = (t.float() if t is not None else None for t in (x, weight, bias, residual))
     _check(x, weight, bias, residual)
     return LayerNormFunction.apply(x, weight, bias, residual, eps)
 

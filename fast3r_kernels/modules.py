@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._config import interpreting
-from .attention import attention
+from .attention import attention, default_scale
 from .layernorm import layer_norm
-from .patch_embed import patch_embed
+from .patch_embed import normalize_uint8, patch_embed, patch_positions
 
 
 def _on_kernel_device(x: torch.Tensor) -> bool:
@@ -55,7 +55,7 @@ class FusedAttention(nn.Module):
         super().__init__()
         self.qkv, self.proj, self.num_heads, self.rope = qkv, proj, num_heads, rope
         head_dim = qkv.out_features // 3 // num_heads
-        self.scale = head_dim**-0.5 if scale is None else scale
+        self.scale = default_scale(head_dim) if scale is None else scale
         self.attn_bias_for_inference_enabled = attn_bias_for_inference_enabled
         self.attn_bias_scale = self.scale if attn_bias_scale is None else attn_bias_scale
 
@@ -92,12 +92,6 @@ def _reference_attention(q, k, v, scale, rope, pos):
     return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2)
 
 
-def patch_grid_positions(grid_h: int, grid_w: int, device: torch.device) -> torch.Tensor:
-    """(grid_h * grid_w, 2) int64 (y, x) patch positions, row-major."""
-    ys, xs = torch.meshgrid(torch.arange(grid_h, device=device), torch.arange(grid_w, device=device), indexing="ij")
-    return torch.stack([ys.flatten(), xs.flatten()], dim=-1)
-
-
 class FusedPatchEmbed(nn.Module):
     """Patch embedding on the implicit-im2col kernel; the conv stays as ``proj`` for the state dict.
 
@@ -131,9 +125,9 @@ class FusedPatchEmbed(nn.Module):
         if _on_kernel_device(images):
             tokens = patch_embed(images, self.proj.weight, self.proj.bias, p)
         else:
-            pixels = images / 127.5 - 1 if images.dtype == torch.uint8 else images
+            pixels = normalize_uint8(images) if images.dtype == torch.uint8 else images
             tokens = self.proj(pixels.to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)
-        return tokens, patch_grid_positions(h // p, w // p, images.device).expand(n, -1, -1)
+        return tokens, patch_positions(h // p, w // p, images.device).expand(n, -1, -1)
 
     def _mixed(self, images: torch.Tensor, portrait: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         wide, wide_pos = self._embed(images[~portrait])

@@ -18,7 +18,25 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import cast, check_device, check_float, mma, precision
+from . import tuning
+from ._config import autocast_dtype, cast, check_device, check_float, device_guard, mma, precision
+
+# uint8 RGB -> [-1, 1]: x / 127.5 - 1, the normalization Fast3R was trained with; one definition,
+# used by the kernels (folded into the epilogue) and by the PyTorch path (``normalize_uint8``).
+UINT8_HALF_RANGE = 127.5
+_INV_HALF_RANGE = tl.constexpr(1.0 / UINT8_HALF_RANGE)
+
+
+def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB (any shape) -> floats in [-1, 1], as Fast3R's preprocessing gives them."""
+    return images / UINT8_HALF_RANGE - 1
+
+
+def patch_positions(grid_h: int, grid_w: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(grid_h * grid_w, 2) int64 (y, x) positions of the patch tokens, row-major: the RoPE-2D positions."""
+    ys = torch.arange(grid_h, device=device).repeat_interleave(grid_w)
+    xs = torch.arange(grid_w, device=device).repeat(grid_h)
+    return torch.stack([ys, xs], dim=-1)
 
 
 @triton.jit
@@ -60,7 +78,7 @@ def _patch_embed_fwd(
             a = a.to(tl.float32)
         acc = mma(cast(a, w.dtype, PRECISION), w, acc, PRECISION)
     if UINT8:
-        acc = acc * (1.0 / 127.5) - tl.load(W_ROWSUM + chans, mask=chan_ok, other=0.0)[None, :]
+        acc = acc * _INV_HALF_RANGE - tl.load(W_ROWSUM + chans, mask=chan_ok, other=0.0)[None, :]
     acc += tl.load(B + chans, mask=chan_ok, other=0.0).to(tl.float32)[None, :]
     out_ptrs = OUT + tokens.to(tl.int64)[:, None] * D + chans[None, :]
     tl.store(out_ptrs, cast(acc, OUT.dtype.element_ty, PRECISION), mask=tok_ok[:, None] & chan_ok[None, :])
@@ -93,7 +111,7 @@ def _patch_embed_bwd_weight(
                        mask=tok_ok[:, None] & chan_ok[None, :], other=0.0)
         a = a.to(tl.float32)
         if UINT8:
-            a = tl.where(tok_ok[:, None], a * (1.0 / 127.5) - 1.0, 0.0)
+            a = tl.where(tok_ok[:, None], a * _INV_HALF_RANGE - 1.0, 0.0)
         dw = mma(tl.trans(dout), cast(a, dout.dtype, PRECISION), dw, PRECISION)
         db += tl.sum(dout.to(tl.float32), axis=0)
     base = split.to(tl.int64) * D * K
@@ -102,18 +120,13 @@ def _patch_embed_bwd_weight(
         tl.store(DB_PART + split * D + chans, db, mask=chan_ok)
 
 
-# H100, 1500 x 224^2 (benchmarks/NOTES.md): 128 tokens x 256 channels per program, 8 warps.
-FWD_BLOCKS = {"BLOCK_M": 128, "BLOCK_D": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4}
-BWD_BLOCKS = {"BLOCK_M": 64, "BLOCK_D": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
-
-
 def patch_embed_forward(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, patch_size: int,
                         **blocks) -> torch.Tensor:
     n, c, h, w = images.shape
     d = weight.shape[0]
     grid_w, t = w // patch_size, (h // patch_size) * (w // patch_size)
     m, k = n * t, c * patch_size * patch_size
-    cfg = {**FWD_BLOCKS, **blocks}
+    cfg = {**tuning.patch_embed_forward_blocks(weight.dtype), **blocks}
     out = torch.empty((n, t, d), dtype=weight.dtype, device=images.device)
     uint8 = images.dtype == torch.uint8
     rowsum = weight.float().reshape(d, k).sum(1) if uint8 else None
@@ -132,7 +145,7 @@ def patch_embed_backward_weight(dout: torch.Tensor, images: torch.Tensor, patch_
     d = dout.shape[-1]
     grid_w, t = w // patch_size, (h // patch_size) * (w // patch_size)
     m, k = n * t, c * patch_size * patch_size
-    cfg = {**BWD_BLOCKS, **blocks}
+    cfg = {**tuning.patch_embed_backward_blocks(dout.dtype), **blocks}
     tiles = triton.cdiv(d, cfg["BLOCK_D"]) * triton.cdiv(k, cfg["BLOCK_K"])
     splits = splits or max(1, min(triton.cdiv(m, cfg["BLOCK_M"]), 512 // tiles + 1))
     tokens_per_split = triton.cdiv(triton.cdiv(m, splits), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
@@ -153,12 +166,14 @@ class PatchEmbedFunction(torch.autograd.Function):
         ctx.save_for_backward(images)
         ctx.patch_size = patch_size
         ctx.dtypes = (weight.dtype, bias.dtype)
-        return patch_embed_forward(images, weight, bias, patch_size)
+        with device_guard(images.device):
+            return patch_embed_forward(images, weight, bias, patch_size)
 
     @staticmethod
     def backward(ctx, dout):
         (images,) = ctx.saved_tensors
-        dweight, dbias = patch_embed_backward_weight(dout, images, ctx.patch_size)
+        with device_guard(images.device):
+            dweight, dbias = patch_embed_backward_weight(dout, images, ctx.patch_size)
         return None, dweight.to(ctx.dtypes[0]), dbias.to(ctx.dtypes[1]), None
 
 
@@ -167,9 +182,13 @@ def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
 
     ``weight`` is the conv weight (D, C, p, p), ``bias`` (D,). Float images are used as
     given (cast to the weight dtype); uint8 images are normalized to [-1, 1] inside the
-    kernel. The output has the weight's dtype. Gradients flow to weight and bias, not to
-    the images.
+    kernel. The output has the weight's dtype (the autocast dtype under autocast, as
+    ``nn.Conv2d`` gives there). Gradients flow to weight and bias, not to the images.
     """
+    cast_to = autocast_dtype(images.device)
+    if cast_to is not None:
+        weight, bias = weight.to(cast_to), bias.to(cast_to)
+        images = images if images.dtype == torch.uint8 else images.to(cast_to)
     _check(images, weight, bias, patch_size)
     return PatchEmbedFunction.apply(images, weight, bias, patch_size)
 

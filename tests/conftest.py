@@ -14,10 +14,16 @@ if not torch.cuda.is_available():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (benchmarks/gpu_check.py runs them on the H100)")
+    config.addinivalue_line("markers", "interpreter: a case-table instance for the Triton interpreter (CPU)")
 
 
 def pytest_collection_modifyitems(config, items):
+    """gpu tests skip without a GPU; the interpreter instances of the case tables skip on a GPU machine."""
     if torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="interpreter case: runs in CI (no GPU); this machine runs the gpu cases")
+        for item in items:
+            if "interpreter" in item.keywords:
+                item.add_marker(skip)
         return
     skip = pytest.mark.skip(reason="no CUDA GPU here; benchmarks/gpu_check.py runs these on the H100")
     for item in items:

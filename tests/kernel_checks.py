@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
 import torch
 
 FP32_TOLERANCE = 1e-5
@@ -48,3 +49,10 @@ def assert_close_to_reference(got: torch.Tensor, ref64: torch.Tensor, stock: tor
     stock_err = rel(stock, ref64) if stock is not None else 0.0
     assert err <= HALF_TOLERANCE, f"{what}: {got.dtype} relative error {err:.2e}"
     assert err <= max(2 * stock_err, 1e-3), f"{what}: error {err:.2e} vs PyTorch's own {stock_err:.2e}"
+
+
+# Every kernel case table runs twice: on the CPU in the Triton interpreter (CI) and on the GPU (-m gpu).
+# The interpreter has no tl.dot size floor, no shared-memory limit and its own bf16 rounding, so a case
+# is only proven once its gpu instance has passed too.
+DEVICES = [pytest.param("cpu", marks=pytest.mark.interpreter, id="interpreter"),
+           pytest.param("cuda", marks=pytest.mark.gpu, id="gpu")]

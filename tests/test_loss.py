@@ -100,6 +100,22 @@ def test_invalid_pixels_are_ignored():
     assert fast3r_loss(corrupted, gts)[0].item() == pytest.approx(base.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_ground_truth_at_invalid_pixels_is_ignored_with_finite_gradients(bad):
+    """Missing depth is commonly stored as NaN/Inf; masked out, it must not reach the loss or its gradients."""
+    preds, gts = random_scene()
+    base, _ = fast3r_loss(preds, gts)
+    holes = [{**g, "pts3d": g["pts3d"].clone()} for g in gts]
+    for g in holes:
+        g["pts3d"][~g["valid_mask"]] = bad
+    leaves = [{k: v.clone().requires_grad_() for k, v in p.items()} for p in preds]
+    loss, details = fast3r_loss(leaves, holes)
+    assert loss.item() == pytest.approx(base.item(), rel=1e-6)
+    assert all(math.isfinite(v) for v in details.values())
+    loss.backward()
+    assert all(torch.isfinite(v.grad).all() for p in leaves for v in p.values())
+
+
 def test_view_without_valid_pixels_contributes_zero():
     preds, gts = random_scene(views=2)
     gts[1]["valid_mask"][:] = False

@@ -1,0 +1,167 @@
+"""The ops Fast3R's layers call, per backend: the one place that knows both "torch" and "triton".
+
+A model is built with one backend (``Fast3R(cfg, backend=...)``); each layer keeps the
+``Ops`` it was given and calls them, so no forward pass branches on the backend. Both
+backends take the same facts from ``fast3r_kernels`` (default softmax scale, RoPE-2D
+angle tables, uint8 normalization, supported head dims), so they cannot drift apart.
+
+Layouts: attention takes q, k, v as (B, L, H, D) views of the packed qkv projection and
+returns (B, L, H, D); ``attention_with_lse`` also returns the row log-sum-exp (B, H, L),
+fp32, which context parallelism merges across key shards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fast3r_kernels import attention as triton_attention
+from fast3r_kernels import layer_norm as triton_layer_norm
+from fast3r_kernels import patch_embed as triton_patch_embed
+from fast3r_kernels._config import device_guard, interpreting
+from fast3r_kernels.attention import HEAD_DIMS, ROPE_HEAD_DIMS, rope_tables
+from fast3r_kernels.layernorm import layer_norm_forward
+from fast3r_kernels.patch_embed import normalize_uint8
+
+BACKENDS = ("torch", "triton")
+
+
+@dataclass(frozen=True)
+class Rope:
+    """RoPE-2D inputs of one attention call: (B, L, 2) int (y, x) positions in [0, num_pos), angle base."""
+
+    positions: torch.Tensor
+    num_pos: int
+    base: float
+
+
+@dataclass(frozen=True)
+class Ops:
+    """What a backend provides to the layers (signatures in the module docstring)."""
+
+    name: str
+    attention: Callable[..., torch.Tensor]
+    attention_with_lse: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    layer_norm: Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
+    patch_embed: Callable[..., torch.Tensor]
+
+    def check_attention(self, head_dim: int, rope: bool) -> None:
+        """Refuse, when the model is built, a head dim this backend cannot run."""
+        if self.name != "triton":
+            return
+        supported = ROPE_HEAD_DIMS if rope else HEAD_DIMS
+        if head_dim not in supported:
+            raise ValueError(f"the triton backend runs {'RoPE ' if rope else ''}attention at head dims {supported}, "
+                             f"not {head_dim}; build this config with backend='torch'")
+
+
+def get_ops(backend: str) -> Ops:
+    if backend == "torch":
+        return TORCH
+    if backend == "triton":
+        return TRITON
+    raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
+
+
+# ----------------------------------------------------------------------------- torch
+def rotate_rope(t: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """RoPE-2D on (B, H, L, D): the first half of each head rotates by y, the second by x (rotate-half, fp32)."""
+    cos_q, sin_q = rope_tables(rope.num_pos, t.shape[-1], rope.base, t.device)
+    cos, sin = torch.cat([cos_q, cos_q], dim=-1), torch.cat([sin_q, sin_q], dim=-1)
+    y, x = t.float().chunk(2, dim=-1)
+    pos_y, pos_x = rope.positions[..., 0], rope.positions[..., 1]
+    y = _rotate_half(y, cos[pos_y], sin[pos_y])
+    x = _rotate_half(x, cos[pos_x], sin[pos_x])
+    return torch.cat([y, x], dim=-1).to(t.dtype)
+
+
+def _rotate_half(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    first, second = t.chunk(2, dim=-1)
+    return t * cos[:, None] + torch.cat([-second, first], dim=-1) * sin[:, None]
+
+
+def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                    rope: Rope | None = None) -> torch.Tensor:
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if rope is not None:
+        q, k = rotate_rope(q, rope), rotate_rope(k, rope)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2)
+
+
+def torch_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from .parallel import torch_attention_with_lse as with_lse
+
+    return with_lse(q, k, v, scale)
+
+
+def torch_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                     residual: torch.Tensor | None = None, residual_out: torch.Tensor | None = None):
+    """LN(x), or (x + residual, LN(x + residual)); the sum goes into ``residual_out`` when given."""
+    if residual is None:
+        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    total = torch.add(x, residual, out=residual_out) if residual_out is not None else x + residual
+    return total, F.layer_norm(total, x.shape[-1:], weight, bias, eps)
+
+
+def torch_patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(N, 3, H, W) floats in [-1, 1] or uint8 -> (N, T, D) tokens, with a stride = kernel conv."""
+    if images.dtype == torch.uint8:
+        images = normalize_uint8(images)
+    x = F.conv2d(images.to(weight.dtype), weight, bias, stride=patch_size)
+    return x.flatten(2).transpose(1, 2).contiguous()
+
+
+TORCH = Ops("torch", torch_attention, torch_attention_with_lse, torch_layer_norm, torch_patch_embed)
+
+
+# ---------------------------------------------------------------------------- triton
+def _on_kernel_device(t: torch.Tensor) -> bool:
+    """Kernels run on CUDA tensors (or anywhere under TRITON_INTERPRET); elsewhere the PyTorch op runs."""
+    return t.is_cuda or interpreting()
+
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                    rope: Rope | None = None) -> torch.Tensor:
+    if not _on_kernel_device(q):
+        return torch_attention(q, k, v, scale, rope)
+    if rope is None:
+        return triton_attention(q, k, v, scale=scale, layout="BLHD")
+    return triton_attention(q, k, v, scale=scale, layout="BLHD", rope_pos=rope.positions, rope_base=rope.base,
+                            rope_num_pos=rope.num_pos)
+
+
+def fused_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if not _on_kernel_device(q):
+        return torch_attention_with_lse(q, k, v, scale)
+    return triton_attention(q, k, v, scale=scale, layout="BLHD", return_lse=True)
+
+
+def fused_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                     residual: torch.Tensor | None = None, residual_out: torch.Tensor | None = None):
+    """The LayerNorm kernel; with ``residual`` it also adds the residual in the same pass."""
+    if not _on_kernel_device(x):
+        return torch_layer_norm(x, weight, bias, eps, residual, residual_out)
+    if residual_out is None or torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
+        out = triton_layer_norm(x, weight, bias, eps, residual=residual)
+        if residual_out is None or residual is None:
+            return out
+        total, y = out
+        return residual_out.copy_(total), y
+    # Inference: write x + residual into the caller's buffer (no new tensor), no autograd bookkeeping.
+    with device_guard(x.device):
+        y, total, _, _ = layer_norm_forward(x, weight, bias, eps, residual, residual_out=residual_out)
+    return total, y
+
+
+def fused_patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, patch_size: int) -> torch.Tensor:
+    if not _on_kernel_device(images):
+        return torch_patch_embed(images, weight, bias, patch_size)
+    return triton_patch_embed(images, weight, bias, patch_size)
+
+
+TRITON = Ops("triton", fused_attention, fused_attention_with_lse, fused_layer_norm, fused_patch_embed)

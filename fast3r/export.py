@@ -1,0 +1,346 @@
+"""Reconstructions to files other tools open: PLY, GLB, COLMAP, nerfstudio, NumPy.
+
+All coordinates are in the world frame of the cameras (view 0's camera, OpenCV axes)
+unless a format says otherwise: the GLB is turned to glTF's y-up axes, transforms.json holds
+OpenGL camera axes. COLMAP and nerfstudio put pixel centres at +0.5 (the image's corner is
+0), so their principal point is (W/2 + 0.5, H/2 + 0.5): the same camera as ours, whose
+pixel (x, y) is the integer column and row.
+
+Every file is written to a temporary file in its own directory and renamed into place
+(``os.replace`` is atomic on one filesystem): an interrupted export leaves the old file or
+none, never half a file. trimesh writes PLY and GLB, pycolmap the COLMAP model, Pillow the
+images; they are imported when used so that ``import fast3r`` works without them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+import torch
+
+FORMATS = ("ply", "glb", "colmap", "nerfstudio", "npz")
+FILE_NAMES = {"ply": "points.ply", "glb": "scene.glb", "colmap": "sparse/0", "nerfstudio": "transforms.json",
+              "npz": "reconstruction.npz"}
+IMAGES_DIR = "images"
+DEFAULT_CONF_PERCENTILE = 10.0  # per view, as the official viewer's default
+MAX_POINTS = 2_000_000  # PLY / GLB: more than viewers handle smoothly is of little use
+MAX_COLMAP_POINTS = 200_000  # each point also adds an observation to images.txt
+FRUSTUM_FRACTION = 0.05  # frustum depth as a fraction of the scene's extent
+OPENCV_TO_OPENGL = np.diag([1.0, -1.0, -1.0, 1.0])  # flips y and z
+
+
+@dataclass
+class PointCloud:
+    """Points picked from the global pointmaps: world xyz, colour, and where they came from."""
+
+    xyz: np.ndarray  # (P, 3) float32, world frame
+    rgb: np.ndarray  # (P, 3) uint8
+    view: np.ndarray  # (P,) int64, index of the view
+    pixel: np.ndarray  # (P, 2) int64, integer (x, y) in that view
+
+    def __len__(self) -> int:
+        return len(self.xyz)
+
+    def subset(self, max_points: int, seed: int = 0) -> PointCloud:
+        if len(self) <= max_points:
+            return self
+        keep = np.sort(np.random.default_rng(seed).choice(len(self), max_points, replace=False))
+        return PointCloud(self.xyz[keep], self.rgb[keep], self.view[keep], self.pixel[keep])
+
+
+# ------------------------------------------------------------------------------ atomic
+@contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[IO[bytes]]:
+    """Open a temporary file beside ``path`` for writing; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the usual permissions, less the umask
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary directory beside ``path``; its files are renamed into ``path`` one by one if the block succeeds."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        for item in sorted(tmp.iterdir()):
+            os.replace(item, path / item.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ points
+def select_points(
+    preds: Sequence[dict[str, torch.Tensor]],
+    images: Sequence[torch.Tensor],
+    *,
+    conf_percentile: float = DEFAULT_CONF_PERCENTILE,
+    max_points: int = MAX_POINTS,
+    seed: int = 0,
+) -> PointCloud:
+    """The global points above each view's confidence percentile, at most ``max_points`` of them (a uniform draw).
+
+    images: the uint8 (3, H, W) views the model saw, for colour.
+    """
+    if not 0 <= conf_percentile < 100:
+        raise ValueError(f"conf_percentile={conf_percentile}; pass a percentile in [0, 100)")
+    kept = []
+    for view in preds:
+        conf = view["conf"].reshape(-1).float()
+        finite = torch.isfinite(view["pts3d_in_other_view"].reshape(-1, 3)).all(-1) & torch.isfinite(conf)
+        mask = finite & (conf >= torch.quantile(conf[finite], conf_percentile / 100)) if finite.any() else finite
+        kept.append(mask.nonzero().flatten())
+    total = sum(len(k) for k in kept)
+    generator = torch.Generator().manual_seed(seed)
+    parts = []
+    for i, (view, idx) in enumerate(zip(preds, kept)):
+        if total > max_points:  # each view keeps its share of a uniform draw
+            share = round(len(idx) * max_points / total)
+            idx = idx[torch.randperm(len(idx), generator=generator)[:share].to(idx.device)].sort().values
+        w = view["conf"].shape[1]
+        idx_cpu = idx.cpu()
+        xyz = view["pts3d_in_other_view"].reshape(-1, 3)[idx].float().cpu().numpy()
+        rgb = images[i].reshape(3, -1)[:, idx_cpu].T.numpy()
+        pixel = torch.stack((idx_cpu % w, idx_cpu // w), dim=-1).numpy()
+        parts.append((xyz, rgb, np.full(len(idx_cpu), i, dtype=np.int64), pixel))
+    xyz, rgb, views, pixels = (np.concatenate(p) for p in zip(*parts))
+    return PointCloud(xyz.astype(np.float32), rgb.astype(np.uint8), views, pixels.astype(np.int64))
+
+
+# ------------------------------------------------------------------------------ writers
+def write_ply(path: str | os.PathLike, cloud: PointCloud) -> Path:
+    """Binary PLY: float x, y, z and uchar red, green, blue (trimesh adds alpha)."""
+    import trimesh
+
+    data = trimesh.PointCloud(cloud.xyz, colors=cloud.rgb).export(file_type="ply")
+    with atomic_write(path) as f:
+        f.write(data)
+    return Path(path)
+
+
+def write_glb(path: str | os.PathLike, cloud: PointCloud, cameras: dict[str, torch.Tensor],
+              sizes: Sequence[tuple[int, int]]) -> Path:
+    """glTF binary: the coloured points and a wire frustum per camera (viridis, first to last), y up.
+
+    The whole scene is turned from OpenCV axes to glTF's (y up, looking down -z), so view 0
+    opens as a viewer's default camera would see it.
+    """
+    import trimesh
+    from matplotlib import colormaps
+    from trimesh.path import Path3D
+    from trimesh.path.entities import Line
+
+    flip = OPENCV_TO_OPENGL[:3, :3]
+    scene = trimesh.Scene()
+    if len(cloud):
+        scene.add_geometry(trimesh.PointCloud(cloud.xyz @ flip, colors=cloud.rgb), geom_name="points")
+    cam2world = cameras["cam2world"].numpy()
+    corners, entities = [], []
+    depth = _frustum_depth(cloud, cam2world)
+    colors = (colormaps["viridis"](np.linspace(0, 1, len(sizes))) * 255).astype(np.uint8)
+    for i, ((h, w), k) in enumerate(zip(sizes, cameras["intrinsics"].numpy())):
+        pixels = np.array([[0, 0], [w, 0], [w, h], [0, h]], dtype=np.float64)
+        rays = np.column_stack(((pixels - k[:2, 2]) / k[[0, 1], [0, 1]], np.ones(4)))
+        local = np.vstack((np.zeros(3), rays * depth))
+        base = 5 * i
+        corners.append(local @ cam2world[i, :3, :3].T + cam2world[i, :3, 3])
+        entities += [Line([base, base + c]) for c in range(1, 5)] + [Line([base + c for c in (1, 2, 3, 4, 1)])]
+    frusta = Path3D(entities=entities, vertices=np.vstack(corners) @ flip,
+                    colors=np.repeat(colors, 5, axis=0), process=False)
+    scene.add_geometry(frusta, geom_name="cameras")
+    data = scene.export(file_type="glb")
+    with atomic_write(path) as f:
+        f.write(data)
+    return Path(path)
+
+
+def write_colmap(directory: str | os.PathLike, cameras: dict[str, torch.Tensor], sizes: Sequence[tuple[int, int]],
+                 names: Sequence[str], cloud: PointCloud, *, max_points: int = MAX_COLMAP_POINTS) -> Path:
+    """A COLMAP model (cameras, images, points3D; text and binary) in ``directory``, e.g. ``out/sparse/0``.
+
+    PINHOLE cameras (views with equal size and focal share one); images by ``names``
+    (relative to the images folder) with their world-to-camera poses, as COLMAP stores
+    them (quaternion w, x, y, z and translation); up to ``max_points`` points, each
+    observed by the view it came from at its pixel centre. Written by pycolmap, so the
+    rigs and frames files of COLMAP >= 3.12 come along.
+    """
+    import pycolmap
+
+    cloud = cloud.subset(max_points)
+    model = pycolmap.Reconstruction()
+    camera_ids: dict[tuple, int] = {}
+    order = np.argsort(cloud.view, kind="stable")
+    starts = np.searchsorted(cloud.view[order], np.arange(len(names) + 1))
+    point2d_idx = np.empty(len(cloud), dtype=np.int64)
+    for i, ((h, w), k, pose, name) in enumerate(zip(sizes, cameras["intrinsics"].numpy(),
+                                                    cameras["cam2world"].numpy(), names)):
+        key = (w, h, float(k[0, 0]), float(k[0, 2]), float(k[1, 2]))
+        if key not in camera_ids:
+            camera_ids[key] = len(camera_ids) + 1
+            model.add_camera_with_trivial_rig(pycolmap.Camera(
+                model="PINHOLE", width=w, height=h, camera_id=camera_ids[key],
+                params=[k[0, 0], k[1, 1], k[0, 2] + 0.5, k[1, 2] + 0.5]))
+        mine = order[starts[i] : starts[i + 1]]
+        point2d_idx[mine] = np.arange(len(mine))
+        image = pycolmap.Image(name=name, keypoints=cloud.pixel[mine].astype(np.float64) + 0.5,
+                               camera_id=camera_ids[key], image_id=i + 1)
+        world_to_cam = np.linalg.inv(pose)[:3]
+        model.add_image_with_trivial_frame(image, pycolmap.Rigid3d(world_to_cam))
+    for p in range(len(cloud)):
+        track = pycolmap.Track()
+        track.add_element(int(cloud.view[p]) + 1, int(point2d_idx[p]))
+        model.add_point3D(cloud.xyz[p].astype(np.float64), track, cloud.rgb[p])
+    with atomic_directory(directory) as tmp:
+        model.write_text(str(tmp))
+        model.write_binary(str(tmp))
+    return Path(directory)
+
+
+def write_nerfstudio(path: str | os.PathLike, cameras: dict[str, torch.Tensor], sizes: Sequence[tuple[int, int]],
+                     image_paths: Sequence[str], ply_path: str | None = None) -> Path:
+    """nerfstudio's transforms.json: per-frame pinhole intrinsics and camera-to-world in OpenGL axes.
+
+    image_paths and ply_path are relative to the file's directory; ``ply_file_path`` lets
+    splatfacto start from the point cloud.
+    """
+    frames = []
+    for (h, w), k, pose, image in zip(sizes, cameras["intrinsics"].numpy(), cameras["cam2world"].numpy(),
+                                      image_paths):
+        frames.append({
+            "file_path": image, "w": w, "h": h, "fl_x": float(k[0, 0]), "fl_y": float(k[1, 1]),
+            "cx": float(k[0, 2]) + 0.5, "cy": float(k[1, 2]) + 0.5,
+            "transform_matrix": (pose @ OPENCV_TO_OPENGL).tolist(),
+        })
+    meta: dict = {"camera_model": "OPENCV", "frames": frames}
+    if ply_path is not None:
+        meta["ply_file_path"] = ply_path
+    with atomic_write(path) as f:
+        f.write(json.dumps(meta, indent=2).encode())
+    return Path(path)
+
+
+def write_npz(path: str | os.PathLike, preds: Sequence[dict[str, torch.Tensor]], cameras: dict[str, torch.Tensor],
+              images: Sequence[torch.Tensor], names: Sequence[str]) -> Path:
+    """The raw outputs, stacked: pts3d, conf, pts3d_local, conf_local, depth (z of pts3d_local), images, cameras.
+
+    Views of different sizes are padded to the largest (NaN for floats, 0 for images);
+    ``image_sizes`` (N, 2) holds each view's (H, W).
+    """
+    sizes = np.array([tuple(view["conf"].shape) for view in preds], dtype=np.int64)
+    h, w = sizes.max(0)
+    arrays = {}
+    for key, channels in (("pts3d_in_other_view", 3), ("conf", 0), ("pts3d_local", 3), ("conf_local", 0)):
+        if key not in preds[0]:
+            continue
+        out = np.full((len(preds), h, w, channels) if channels else (len(preds), h, w), np.nan, dtype=np.float32)
+        for i, view in enumerate(preds):
+            out[i, : sizes[i, 0], : sizes[i, 1]] = view[key].float().cpu().numpy()
+        arrays["pts3d" if key == "pts3d_in_other_view" else key] = out
+    if "pts3d_local" in arrays:
+        arrays["depth"] = arrays["pts3d_local"][..., 2].copy()
+    pixels = np.zeros((len(images), h, w, 3), dtype=np.uint8)
+    for i, image in enumerate(images):
+        pixels[i, : sizes[i, 0], : sizes[i, 1]] = image.permute(1, 2, 0).numpy()
+    arrays.update(images=pixels, image_sizes=sizes, names=np.array(names),
+                  cam2world=cameras["cam2world"].numpy(), intrinsics=cameras["intrinsics"].numpy())
+    with atomic_write(path) as f:
+        np.savez(f, **arrays)
+    return Path(path)
+
+
+def write_images(directory: str | os.PathLike, images: Sequence[torch.Tensor], names: Sequence[str]) -> list[Path]:
+    """The views as the model saw them, PNG (the cameras' intrinsics refer to these pixels), in parallel."""
+    from PIL import Image
+
+    directory = Path(directory)
+
+    def save(i: int) -> Path:
+        with atomic_write(directory / names[i]) as f:
+            Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(f, format="PNG", compress_level=1)
+        return directory / names[i]
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        return list(pool.map(save, range(len(images))))
+
+
+# ------------------------------------------------------------------------------ all
+def export(
+    out_dir: str | os.PathLike,
+    formats: Sequence[str],
+    *,
+    preds: Sequence[dict[str, torch.Tensor]],
+    images: Sequence[torch.Tensor],
+    names: Sequence[str],
+    cameras: dict[str, torch.Tensor],
+    conf_percentile: float = DEFAULT_CONF_PERCENTILE,
+    on_step: Callable[[str], object] | None = None,
+) -> list[Path]:
+    """Write the requested formats into ``out_dir`` (file names in FILE_NAMES; images in images/).
+
+    names: one PNG file name per view (e.g. ``00000_frame.png``). on_step is called with
+    each step's name as it finishes (for a progress bar). Returns the paths written.
+    """
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ValueError(f"unknown export formats {unknown}; choose from {', '.join(FORMATS)}")
+    out = Path(out_dir)
+    sizes = [tuple(int(s) for s in view["conf"].shape) for view in preds]
+    written: list[Path] = []
+
+    def done(step: str, paths: Sequence[Path]) -> None:
+        written.extend(paths)
+        if on_step is not None:
+            on_step(step)
+
+    cloud = select_points(preds, images, conf_percentile=conf_percentile) if {"ply", "glb", "colmap"} & set(formats) \
+        else None
+    if {"colmap", "nerfstudio"} & set(formats):
+        write_images(out / IMAGES_DIR, images, names)
+        done("images", [out / IMAGES_DIR])
+    if "ply" in formats:
+        done("ply", [write_ply(out / FILE_NAMES["ply"], cloud)])
+    if "glb" in formats:
+        done("glb", [write_glb(out / FILE_NAMES["glb"], cloud, cameras, sizes)])
+    if "colmap" in formats:
+        done("colmap", [write_colmap(out / FILE_NAMES["colmap"], cameras, sizes, names, cloud)])
+    if "nerfstudio" in formats:
+        ply = FILE_NAMES["ply"] if "ply" in formats else None
+        paths = [f"{IMAGES_DIR}/{n}" for n in names]
+        done("nerfstudio", [write_nerfstudio(out / FILE_NAMES["nerfstudio"], cameras, sizes, paths, ply)])
+    if "npz" in formats:
+        done("npz", [write_npz(out / FILE_NAMES["npz"], preds, cameras, images, names)])
+    return written
+
+
+def export_steps(formats: Sequence[str]) -> int:
+    """How many times ``export`` calls on_step for these formats."""
+    return len(set(formats) & set(FORMATS)) + bool({"colmap", "nerfstudio"} & set(formats))
+
+
+def _frustum_depth(cloud: PointCloud, cam2world: np.ndarray) -> float:
+    """FRUSTUM_FRACTION of the scene's extent: the 5-95 percentile box of the points (or the cameras)."""
+    points = cloud.xyz if len(cloud) else cam2world[:, :3, 3]
+    low, high = np.percentile(points, [5, 95], axis=0)
+    extent = float(np.linalg.norm(high - low))
+    return FRUSTUM_FRACTION * extent if extent > 0 else 0.1
