@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from timing import gpu_name, measure_ceilings, median_ms
 
-from fast3r.layers import RoPE2D, patch_positions
+from fast3r.backends import Rope, rotate_rope
 from fast3r_kernels.attention import attention_backward, attention_forward, rope_tables
 from fast3r_kernels.layernorm import layer_norm_backward, layer_norm_forward
-from fast3r_kernels.patch_embed import patch_embed_forward
+from fast3r_kernels.patch_embed import patch_embed_forward, patch_positions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -164,11 +164,11 @@ def attention_rope_shape(rec: Recorder, b: int, h: int, l: int, grid: tuple[int,
     qkv = packed_qkv(b, h, l)
     pos = patch_positions(*grid, "cuda").expand(b, -1, -1)
     flop, shape, scale = 4 * b * h * l * l * HEAD_DIM, f"{b}x{h}x{l}x{HEAD_DIM}+rope", HEAD_DIM**-0.5
-    rope = RoPE2D(100.0)
+    rope = Rope(pos, max(grid), 100.0)
 
     def official(backend: str):
         qh, kh, vh = qkv.transpose(1, 3).unbind(2)
-        out = sdpa(rope(qh, pos), rope(kh, pos), vh, backend, scale)
+        out = sdpa(rotate_rope(qh, rope), rotate_rope(kh, rope), vh, backend, scale)
         return out.transpose(1, 2).reshape(b, l, h * HEAD_DIM)
 
     ref = None

@@ -1,39 +1,53 @@
-"""How Fast3R's time and memory grow with the number of views, per backend.
+"""How Fast3R's time and memory grow with the number of views, per backend, on one GPU or several.
 
     python benchmarks/scale_views.py --views 1500 [--size 224|512] [--backend triton torch]
+        [--cuda-graph-max-views 100] [--official .peers]
+    torchrun --nproc-per-node P benchmarks/scale_views.py --views 1500 --size 224   # context parallel
 
-Sweeps 1, 10, 100, 500, 1000, 1500 views (those up to --views, plus --views itself) on
-the ``large`` preset in bf16 with random weights (or --checkpoint), random uint8 images,
-under torch.inference_mode. For each point: seconds per forward (median of --repeats
-after a warm-up, device-synchronized) split into encoder / fusion / heads, views per
-second, peak memory from torch.cuda.max_memory_allocated and device memory in use from
-NVML. A point that runs out of memory is recorded with ``oom: true``.
+Sweeps 1, 2, 10, 16, 32, 100, 500, 1000, 1500 views (those up to --views, plus --views
+itself) on the ``large`` preset in bf16 with random weights (or --checkpoint), random uint8
+images, under torch.inference_mode. For each point: seconds per forward (median of
+--repeats after a warm-up, device-synchronized) split into encoder / fusion / heads, views
+per second, peak memory from torch.cuda.max_memory_allocated and device memory in use from
+NVML. ``triton+graph`` is the Triton backend replaying a CUDA graph (``cuda_graph=True``),
+timed up to --cuda-graph-max-views. With --official DIR (a copy of shared/peers) the
+official model runs at the same points in a subprocess, bf16 weights, in the same run. A
+point that runs out of memory is recorded with ``oom: true``.
 
-Writes ``benchmarks/results/scale_views_<gpu>_<size>.json`` and a PNG plot beside it,
-then prints a table. Without a GPU it runs the ``tiny`` preset on a few views on the CPU
-(a smoke run of the same code path) and says so first.
+Under torchrun each rank takes its shard of the scene (``fast3r.parallel.split_views``)
+and runs ``model(shard, process_group=...)``: records carry ``"gpus": P``, the slowest
+rank's stage times, the largest per-rank peak memory, and the time spent gathering the
+scene layout; with --outputs-to-cpu the outputs move to the CPU as they are produced.
+
+Writes ``benchmarks/results/scale_views_<gpu>_<size>[_p<P>].json`` and a PNG plot beside
+it, then prints a table. Without a GPU it runs the ``tiny`` preset on a few views on the
+CPU (a smoke run of the same code path) and says so first.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from timing import gpu_name
 
-from fast3r import Fast3R, Fast3RConfig
+from fast3r import Fast3R, Fast3RConfig, parallel
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_VIEWS = (1, 10, 100, 500, 1000, 1500)
+DEFAULT_VIEWS = (1, 2, 10, 16, 32, 100, 500, 1000, 1500)
 CPU_VIEWS = (1, 2, 4)
 SIZES = {"224": (224, 224), "512": (384, 512)}  # (H, W): 224 crops square, 512 gives 512x384 landscape
 STAGES = {"encoder": "encoder", "fusion": "decoder", "heads": ("downstream_head", "downstream_head_local")}
@@ -90,28 +104,43 @@ def build_model(backend: str, checkpoint: str | None, device: str) -> Fast3R:
         dtype = torch.bfloat16 if device == "cuda" else torch.float32  # as for random weights
         return Fast3R.from_pretrained(checkpoint, backend=backend, device=device, dtype=dtype)
     preset = "large" if device == "cuda" else "tiny"
-    model = Fast3R(preset)
-    if backend == "triton":
-        from fast3r_kernels import accelerate
-
-        accelerate(model)
+    model = Fast3R(preset, backend=backend.removesuffix("+graph"))
     return model.to(device, torch.bfloat16 if device == "cuda" else torch.float32).eval()
 
 
-def measure_point(model: Fast3R, timer: StageTimer | None, views: int, hw: tuple[int, int], repeats: int,
-                  warmup: bool, device: str) -> dict:
-    images = torch.randint(0, 256, (views, 3, *hw), dtype=torch.uint8, device=device)
+class Scene:
+    """This process's views of the scene and how to call the model on them (one GPU, or a torchrun rank)."""
+
+    def __init__(self, views: int, hw: tuple[int, int], device: str, outputs_to_cpu: bool):
+        generator = torch.Generator().manual_seed(views)  # the same scene on every rank
+        images = torch.randint(0, 256, (views, 3, *hw), dtype=torch.uint8, generator=generator)
+        self.group = dist.group.WORLD if dist.is_initialized() else None
+        if self.group is not None:
+            images = torch.stack(parallel.shard_for_rank(list(images), self.group))
+        self.images = images.to(device)
+        self.kwargs = {"output_device": "cpu"} if outputs_to_cpu else {}
+        if self.group is not None:
+            self.kwargs["process_group"] = self.group
+
+    def forward(self, model: Fast3R, graph: bool) -> list:
+        return model(self.images, cuda_graph=True) if graph else model(self.images, **self.kwargs)
+
+
+def measure_point(model: Fast3R, timer: StageTimer | None, scene: Scene, repeats: int, warmup: bool, device: str,
+                  graph: bool) -> dict:
     seconds, stages = [], []
-    for i in range(int(not warmup), repeats + 1):  # run 0 warms up (kernel compilation, allocator)
+    for i in range(int(not warmup), repeats + 1):  # run 0 warms up (kernel compilation, allocator, graph capture)
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             timer.reset()
+        _barrier()
         start = time.perf_counter()
         with torch.inference_mode():
-            out = model(images)
+            out = scene.forward(model, graph)
         if device == "cuda":
             torch.cuda.synchronize()
+        _barrier()
         if i:
             seconds.append(time.perf_counter() - start)
             if timer:
@@ -119,11 +148,47 @@ def measure_point(model: Fast3R, timer: StageTimer | None, views: int, hw: tuple
         used = nvml_used_gib() if device == "cuda" else None
         del out
     record = {"seconds": statistics.median(seconds), "all_seconds": [round(s, 4) for s in seconds],
-              "views_per_second": views / statistics.median(seconds), "warmup": warmup}
+              "views_per_second": len(scene.images) * _world() / statistics.median(seconds), "warmup": warmup}
+    if device == "cuda" and not graph:  # a replayed graph runs no module hooks: no stage split
+        record.update({f"seconds_{s}": _max_over_ranks(statistics.median(x[s] for x in stages)) for s in STAGES})
     if device == "cuda":
-        record.update({f"seconds_{s}": statistics.median(x[s] for x in stages) for s in STAGES})
-        record.update({"peak_gib": torch.cuda.max_memory_allocated() / 2**30, "nvml_used_gib": used})
+        record.update({"peak_gib": _max_over_ranks(torch.cuda.max_memory_allocated() / 2**30),
+                       "nvml_used_gib": used})
     return record
+
+
+def official_point(peers: Path, views: int, size: str, repeats: int) -> dict:
+    """The official model at one point, in its own process (its package is also named fast3r)."""
+    h, w = SIZES[size]
+    cmd = [sys.executable, str(peers / "run_official.py"), "--config", "large", "--views", str(views), "--hw", str(h),
+           str(w), "--device", "cuda", "--dtype", "bf16w", "--reps", str(repeats + 1)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
+    if run.returncode or not lines:
+        oom = "OutOfMemoryError" in run.stderr
+        return {"oom": oom, "seconds": None, "peak_gib": None, "error": run.stderr.strip().splitlines()[-1][:300]
+                if run.stderr.strip() else f"exit {run.returncode}"}
+    info = json.loads(lines[-1])
+    timed = info["seconds"][1:]  # the first run compiles and warms up
+    return {"oom": False, "seconds": statistics.median(timed), "all_seconds": [round(t, 4) for t in timed],
+            "views_per_second": views / statistics.median(timed), "peak_gib": info["peak_gib"], "warmup": True}
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _max_over_ranks(value: float) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], device="cuda")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -133,33 +198,48 @@ def run(args: argparse.Namespace) -> dict:
     else:
         views = sorted(set(args.points) if args.points else {v for v in DEFAULT_VIEWS if v <= args.views} | {args.views})
     backends = args.backend if device == "cuda" else ["torch"]
+    if device == "cuda" and _world() == 1 and args.cuda_graph_max_views and "triton" in backends:
+        backends = [*backends, "triton+graph"]
     if device == "cpu":
         what = f"checkpoint {args.checkpoint}" if args.checkpoint else "tiny preset"
         print(f"No CUDA GPU: running the {what} on the CPU with {list(views)} views and the torch backend "
               "(a smoke run of the benchmark; the large-model numbers need an H100).", flush=True)
     doc = {"gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-           "size": args.size, "image_hw": SIZES[args.size], "preset": "large" if device == "cuda" else "tiny",
-           "dtype": "bfloat16" if device == "cuda" else "float32", "checkpoint": args.checkpoint, "records": []}
+           "gpus": _world(), "size": args.size, "image_hw": SIZES[args.size],
+           "preset": "large" if device == "cuda" else "tiny", "dtype": "bfloat16" if device == "cuda" else "float32",
+           "checkpoint": args.checkpoint, "outputs_to_cpu": args.outputs_to_cpu, "records": []}
     for backend in backends:
+        graph = backend.endswith("+graph")
         model = build_model(backend, args.checkpoint, device)
         # What actually ran: a checkpoint brings its own architecture.
         doc["preset"] = next((p for p in ("large", "tiny") if Fast3RConfig.preset(p) == model.config), "custom")
         doc["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
         timer = StageTimer(model) if device == "cuda" else None
         for n in views:
-            record = {"views": n, "size": args.size, "backend": backend, "oom": False}
+            if graph and n > args.cuda_graph_max_views:
+                continue
+            record = {"views": n, "size": args.size, "backend": backend, "gpus": _world(), "oom": False}
             single = n >= args.single_run_above
             try:
-                record.update(measure_point(model, timer, n, SIZES[args.size], 1 if single else args.repeats,
-                                            not single, device))
+                scene = Scene(n, SIZES[args.size], device, args.outputs_to_cpu)
+                record.update(measure_point(model, timer, scene, 1 if single else args.repeats, not single, device,
+                                            graph))
             except torch.cuda.OutOfMemoryError as err:
                 record.update({"oom": True, "error": str(err).splitlines()[0][:200], "seconds": None,
                                "peak_gib": None})
             if device == "cuda":
+                model.__dict__.pop("_graph_cache", None)  # a captured graph holds its activations
                 torch.cuda.empty_cache()
             doc["records"].append(record)
-            print(json.dumps(record), flush=True)
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                print(json.dumps(record), flush=True)
         del model, timer
+    if args.official and device == "cuda" and _world() == 1:
+        for n in views:
+            record = {"views": n, "size": args.size, "backend": "official", "gpus": 1,
+                      **official_point(args.official, n, args.size, args.repeats)}
+            doc["records"].append(record)
+            print(json.dumps(record), flush=True)
     return doc
 
 
@@ -233,12 +313,27 @@ def main() -> None:
     parser.add_argument("--points", type=int, nargs="+", help="explicit view counts instead of the default sweep")
     parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
                         help="combine the records of earlier runs (same GPU and size) into one JSON, plot and table")
+    parser.add_argument("--cuda-graph-max-views", type=int, default=100,
+                        help="also time the triton backend replaying a CUDA graph up to this many views (0: never)")
+    parser.add_argument("--official", type=Path, metavar="PEERS_DIR",
+                        help="a copy of shared/peers: time the official model at the same points (bf16 weights)")
+    parser.add_argument("--outputs-to-cpu", action="store_true", help="move each view's outputs to the CPU as produced")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.views < 1 or any(p < 1 for p in args.points or ()):
         parser.error("view counts must be at least 1")
+    if "LOCAL_RANK" in os.environ and not args.merge:  # started by torchrun: one scene across the ranks
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl", timeout=timedelta(minutes=20))
     doc = merge(args.merge) if args.merge else run(args)
-    name = f"scale_views_{'cpu' if doc['gpu'] == 'cpu' else gpu_name(doc['gpu'])}_{doc['size']}"
+    if dist.is_initialized():
+        dist.destroy_process_group()
+        if int(os.environ["RANK"]) != 0:
+            return
+    suffix = f"_p{doc['gpus']}" if doc.get("gpus", 1) > 1 else ""
+    name = f"scale_views_{'cpu' if doc['gpu'] == 'cpu' else gpu_name(doc['gpu'])}_{doc['size']}{suffix}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{name}.json").write_text(json.dumps(doc, indent=1))
     plot(doc, args.out_dir / f"{name}.png")

@@ -177,14 +177,17 @@ def pnp_focal(view: dict[str, torch.Tensor]) -> float:
     keep = torch.isfinite(points).all(-1) & torch.isfinite(conf)
     if keep.any():
         keep &= conf >= torch.quantile(conf[keep], FOCAL_CONF_PERCENTILE / 100)
-    points, weights = points.nan_to_num(0.0, 0.0, 0.0), keep.double()
-    pixels = _centred_pixels(h, w, points.device).view(1, h * w, 2)
-    focal = least_squares_focal(points, pixels, weights)
-    ray, _ = _rays(points, weights)
+    pixels = _centred_pixels(h, w, points.device).view(h * w, 2)
+    ray, weights = _rays(points.nan_to_num(0.0, 0.0, 0.0)[0], keep[0].double())
+    # Per-point dot products once; then |p - f a|^2 = pp - 2 f ap + f^2 aa costs three flops a point.
+    ray, pixels, weights = ray[weights > 0], pixels[weights > 0], weights[weights > 0]
+    ap, aa, pp = (ray * pixels).sum(-1), ray.square().sum(-1), pixels.square().sum(-1)
+    focal = (weights * ap).sum() / (weights * aa).sum().clamp_min(torch.finfo(aa.dtype).tiny)
     for _ in range(WEISZFELD_ITERATIONS):  # reweight by 1 / residual: an L1 (median-like) fit
-        residual = (pixels - focal[:, None, None] * ray).norm(dim=-1)
-        focal = least_squares_focal(points, pixels, weights / residual.clamp_min(1e-8))
-    return float(_clamped(focal.cpu(), [(h, w)])[0])
+        residual = (pp - 2 * focal * ap + focal.square() * aa).clamp_min(1e-16).sqrt()
+        reweighted = weights / residual
+        focal = (reweighted * ap).sum() / (reweighted * aa).sum().clamp_min(torch.finfo(aa.dtype).tiny)
+    return float(_clamped(focal.reshape(1).cpu(), [(h, w)])[0])
 
 
 def pnp_poses(

@@ -96,13 +96,14 @@ def select_points(
     images: Sequence[torch.Tensor],
     *,
     conf_percentile: float = DEFAULT_CONF_PERCENTILE,
-    max_points: int = MAX_POINTS,
+    max_points: int | None = None,
     seed: int = 0,
 ) -> PointCloud:
     """The global points above each view's confidence percentile, at most ``max_points`` of them (a uniform draw).
 
-    images: the uint8 (3, H, W) views the model saw, for colour.
+    images: the uint8 (3, H, W) views the model saw, for colour. max_points: default MAX_POINTS.
     """
+    max_points = MAX_POINTS if max_points is None else max_points
     if not 0 <= conf_percentile < 100:
         raise ValueError(f"conf_percentile={conf_percentile}; pass a percentile in [0, 100)")
     kept = []
@@ -176,18 +177,18 @@ def write_glb(path: str | os.PathLike, cloud: PointCloud, cameras: dict[str, tor
 
 
 def write_colmap(directory: str | os.PathLike, cameras: dict[str, torch.Tensor], sizes: Sequence[tuple[int, int]],
-                 names: Sequence[str], cloud: PointCloud, *, max_points: int = MAX_COLMAP_POINTS) -> Path:
+                 names: Sequence[str], cloud: PointCloud, *, max_points: int | None = None) -> Path:
     """A COLMAP model (cameras, images, points3D; text and binary) in ``directory``, e.g. ``out/sparse/0``.
 
     PINHOLE cameras (views with equal size and focal share one); images by ``names``
     (relative to the images folder) with their world-to-camera poses, as COLMAP stores
-    them (quaternion w, x, y, z and translation); up to ``max_points`` points, each
-    observed by the view it came from at its pixel centre. Written by pycolmap, so the
-    rigs and frames files of COLMAP >= 3.12 come along.
+    them (quaternion w, x, y, z and translation); up to ``max_points`` points (default
+    MAX_COLMAP_POINTS), each observed by the view it came from at its pixel centre. Written
+    by pycolmap, so the rigs and frames files of COLMAP >= 3.12 come along.
     """
     import pycolmap
 
-    cloud = cloud.subset(max_points)
+    cloud = cloud.subset(MAX_COLMAP_POINTS if max_points is None else max_points)
     model = pycolmap.Reconstruction()
     camera_ids: dict[tuple, int] = {}
     order = np.argsort(cloud.view, kind="stable")

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 SIZES = (224, 512)
 PATCH = 16
@@ -39,7 +39,7 @@ def preprocess_image(image: Image.Image, size: int) -> torch.Tensor:
     pipeline. Raises ValueError for an aspect ratio too extreme to keep a 16-pixel patch on both sides.
     """
     _check_size(size)
-    img = _to_rgb8(ImageOps.exif_transpose(image))
+    img = _to_rgb8(_upright(image))
     w, h = img.size
     _check_aspect(w, h, size)
     target_long = size if size == 512 else round(size * max(w / h, h / w))
@@ -78,6 +78,14 @@ def _load(path: str | os.PathLike, size: int) -> torch.Tensor:
         raise ValueError(f"image {path}: {err}") from err
 
 
+def _upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation as the official loader does; an image without one is used as is (no copy)."""
+    image.load()  # some formats (PNG) keep EXIF after the pixels
+    if image.getexif().get(ExifTags.Base.Orientation, 1) == 1:
+        return image
+    return ImageOps.exif_transpose(image)
+
+
 def _to_rgb8(img: Image.Image) -> Image.Image:
     """RGB with 8 bits per channel; 16-bit grayscale keeps its high byte rather than clipping at 255."""
     if img.mode in SIXTEEN_BIT_MODES:
@@ -85,7 +93,7 @@ def _to_rgb8(img: Image.Image) -> Image.Image:
         return Image.fromarray(high_byte).convert("RGB")
     if img.mode == "F":
         raise ValueError("floating-point (mode F) images have no fixed range; convert them to 8-bit RGB first")
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def _check_aspect(w: int, h: int, size: int) -> None:

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from einops import rearrange
 from torch import nn
 
-from . import checkpoint, memory
+from . import checkpoint, memory, parallel
 from .backends import BACKENDS, get_ops
 from .config import Fast3RConfig
 from .encoder import Encoder
 from .fusion import FusionTransformer, sample_image_indices
+from .graphs import GraphCache
 from .heads import DPTHead
 from .layers import check_patch_grid
 
 Images = torch.Tensor | Sequence[torch.Tensor]
+# How the fusion attention spans ranks under context parallelism (benchmarks/NOTES.md compares them).
+SHARDED_ATTENTION = {"ring": parallel.ring_attention, "ulysses": parallel.ulysses_attention}
 
 
 class Fast3R(nn.Module):
@@ -37,7 +43,7 @@ class Fast3R(nn.Module):
             raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
         self.config = Fast3RConfig.preset(cfg) if isinstance(cfg, str) else cfg
         self.backend = backend
-        ops = get_ops(backend)
+        self.ops = ops = get_ops(backend)
         self.encoder = Encoder(self.config, ops)
         self.decoder = FusionTransformer(self.config, ops)
         self.downstream_head = DPTHead(self.config)
@@ -52,6 +58,10 @@ class Fast3R(nn.Module):
         seed: int | None = None,
         encoder_chunk: int | None = None,
         head_chunk: int | None = None,
+        process_group: dist.ProcessGroup | None = None,
+        context_parallel: str = "ring",
+        output_device: torch.device | str | None = None,
+        cuda_graph: bool = False,
     ) -> list[dict[str, torch.Tensor]]:
         """Reconstruct a scene.
 
@@ -62,22 +72,72 @@ class Fast3R(nn.Module):
             scheme, seeded by ``seed``), an explicit (N,) or (B, N) tensor, or "auto"
             (random if the config asks for it, else sequential).
         encoder_chunk / head_chunk: views per encoder / head pass (default: from free memory).
+        process_group: run one scene across the ranks of this torch.distributed group. Each
+            rank passes its own contiguous shard of the views (rank order is view order;
+            ``fast3r.parallel.split_views`` makes balanced shards) and gets its own views'
+            outputs; the fusion attention spans every rank's tokens, so the result equals
+            the single-process forward of the whole scene. View ids are global (rank 0's
+            first view is view 0, the reference frame); an explicit ``image_ids`` tensor
+            holds the whole scene's ids. Inference only.
+        context_parallel: how the fusion attention crosses ranks: "ring" (K/V blocks passed
+            around, overlapped with compute) or "ulysses" (all-to-all over heads).
+        output_device: move each view's outputs there as its head chunk finishes (e.g.
+            "cpu", so thousands of fp32 pointmaps do not stay on the GPU).
+        cuda_graph: capture the forward once per input shape and replay it (inference on a
+            CUDA tensor of one size; pays at small view counts, where launches dominate).
 
         Returns one dict per view with ``pts3d_in_other_view`` (H, W, 3) in view 0's
         camera frame, ``conf`` (H, W), and with the local head ``pts3d_local`` (H, W, 3)
         in the view's own frame and ``conf_local`` (H, W); a leading B for batched input.
         All outputs are fp32.
         """
+        if cuda_graph:
+            return self._graphed(images, image_ids, seed, encoder_chunk, head_chunk, output_device)
         views, batched = _as_views(images, self.config.patch_size)
         patch = self.config.patch_size
         grids = [(v.shape[-2] // patch, v.shape[-1] // patch) for v in views]
         sizes = [gh * gw for gh, gw in grids]
-        offsets = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+        offsets = [0, *itertools.accumulate(sizes)]
+        attend, first_view, num_views = None, 0, len(views)
+        if process_group is not None:
+            attend, first_view, num_views = self._context_parallel(process_group, context_parallel, sizes)
+        ids = self._image_ids(image_ids, seed, views[0].shape[0], num_views)[:, first_view : first_view + len(views)]
         tokens = self._encode(views, grids, offsets, encoder_chunk)
-        ids = _to_device(self._image_ids(image_ids, seed, views[0].shape[0], len(views)), tokens.device)
-        hooks = self.decoder(tokens, sizes, ids)
+        hooks = self.decoder(tokens, sizes, _to_device(ids, tokens.device), attend)
         del tokens  # hooks[0] holds it; nothing else may
-        return self._predict(hooks, grids, offsets, batched, head_chunk)
+        return self._predict(hooks, grids, offsets, batched, head_chunk, output_device)
+
+    def _context_parallel(self, group: dist.ProcessGroup, method: str, sizes: list[int]):
+        """-> (attention across ranks, global index of this rank's first view, views in the scene)."""
+        if method not in SHARDED_ATTENTION:
+            raise ValueError(f"context_parallel={method!r}; choose one of {sorted(SHARDED_ATTENTION)}")
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            raise parallel.InferenceOnlyError("context parallelism (process_group=...) is for inference: run it "
+                                              "under torch.inference_mode() or torch.no_grad()")
+        layout = parallel.gather_layout(group, sizes, self._dtype(),
+                                        parallel.fingerprint(self.config, self.backend, self.training))
+        attend = functools.partial(SHARDED_ATTENTION[method], group=group,
+                                   local_attention=self.ops.attention_with_lse, shard_lengths=layout.shard_lengths)
+        return (lambda q, k, v, scale: attend(q, k, v, scale=scale)), layout.view_offset, layout.num_views
+
+    def _graphed(self, images, image_ids, seed, encoder_chunk, head_chunk, output_device):
+        if not (isinstance(images, torch.Tensor) and images.is_cuda):
+            raise ValueError("cuda_graph=True needs the images as one CUDA tensor (N, 3, H, W) or (B, N, 3, H, W)")
+        if self.training or torch.is_grad_enabled():
+            raise ValueError("cuda_graph=True is for inference: call model.eval() and run under "
+                             "torch.inference_mode()")
+        views, _ = _as_views(images, self.config.patch_size)  # validates once, outside the capture
+        batch = views[0].shape[0]
+        ids = _to_device(self._image_ids(image_ids, seed, batch, len(views)), images.device)
+        if not hasattr(self, "_graph_cache"):
+            self._graph_cache = GraphCache()
+        outputs = self._graph_cache.run(
+            lambda x: self(x, image_ids=ids, encoder_chunk=encoder_chunk or len(views),
+                           head_chunk=head_chunk or min(len(views), memory.MAX_HEAD_CHUNK)),
+            images, (tuple(ids.flatten().tolist()), encoder_chunk, head_chunk))
+        if output_device is not None:
+            outputs = [{k: t.to(output_device) for k, t in view.items()} for view in outputs]
+        return outputs
 
     def _encode(self, views: list[torch.Tensor], grids: list[tuple[int, int]], offsets: list[int],
                 chunk: int | None) -> torch.Tensor:
@@ -93,7 +153,7 @@ class Fast3R(nn.Module):
         return tokens
 
     def _predict(self, hooks: list[torch.Tensor], grids: list[tuple[int, int]], offsets: list[int], batched: bool,
-                 chunk: int | None) -> list[dict[str, torch.Tensor]]:
+                 chunk: int | None, output_device: torch.device | str | None) -> list[dict[str, torch.Tensor]]:
         """Run both heads on the hook layers, in chunks of equally sized views."""
         batch, patch = hooks[0].shape[0], self.config.patch_size
         pixels = max(gh * gw for gh, gw in grids) * patch * patch
@@ -113,6 +173,8 @@ class Fast3R(nn.Module):
                 points = points.view(n, batch, *points.shape[1:])
                 conf = conf.view(n, batch, *conf.shape[1:])
                 key = "pts3d_in_other_view" if suffix == "" else "pts3d_local"
+                if output_device is not None:
+                    points, conf = points.to(output_device), conf.to(output_device)
                 for j, i in enumerate(run):
                     results[i][key] = points[j] if batched else points[j, 0]
                     results[i]["conf" + suffix] = conf[j] if batched else conf[j, 0]
@@ -120,6 +182,9 @@ class Fast3R(nn.Module):
 
     def _device(self) -> torch.device:
         return self.encoder.patch_embed.proj.weight.device
+
+    def _dtype(self) -> torch.dtype:
+        return self.encoder.patch_embed.proj.weight.dtype
 
     def _image_ids(self, image_ids: str | torch.Tensor, seed: int | None, batch: int, num_views: int) -> torch.Tensor:
         if isinstance(image_ids, torch.Tensor):
@@ -148,8 +213,11 @@ class Fast3R(nn.Module):
     ) -> Fast3R:
         """Load a checkpoint directory or weights file (config.json beside it), or a hub id.
 
-        Strict: a missing, unexpected or mis-shaped key raises ``CheckpointError`` naming it.
-        Pickled ``.pth``/``.bin`` files are read with ``weights_only=True``.
+        An existing local path always wins; a string ``owner/name`` that is not one is a Hugging
+        Face hub id (``checkpoint.resolve`` states the rule). Strict: a missing, unexpected or
+        mis-shaped key raises ``CheckpointError`` naming it, as does an empty, truncated or
+        non-weights file. Pickled ``.pth``/``.bin`` files are read with ``weights_only=True``.
+        Returns the model in eval mode.
         """
         weights, config_path = checkpoint.resolve(path_or_repo_id)
         if config is None:

@@ -134,12 +134,13 @@ def test_explicit_image_ids_expand_to_every_scene():
 def test_float_check_is_skipped_inside_cuda_graph_capture():
     """A synchronization would break the capture; the check must stand aside while one runs."""
     images = unit_range(2, 3, 32, 32).cuda()
+    negative_ids = torch.tensor([0, -1], device="cuda")
     check_float_images(images)  # warm-up outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         check_float_images(images)
         check_float_images(images * 300)  # would raise if it ran
-        check_image_ids(torch.tensor([0, -1], device="cuda"), 1, 2)
+        check_image_ids(negative_ids, 1, 2)
     graph.replay()
     torch.cuda.synchronize()
 
