@@ -1,6 +1,7 @@
-"""Everything that needs the GPU, in one call: GPU tests, kernel benchmarks, the view-scaling sweep.
+"""Everything that needs one GPU, in one call: GPU tests, environment report, benchmarks, scaling sweeps.
 
-    python benchmarks/gpu_check.py [--sweep] [--skip tests kernels scale] [--scale-sizes 224 512]
+    python benchmarks/gpu_check.py [--steps tests environment kernels ...] [--sweep]
+    (multi-GPU runs: benchmarks/gpu_parallel.sh)
 
 Each step's log and JSON land in ``--out`` (default: $OUT if set, else benchmarks/results);
 copy the JSON files into benchmarks/results/ and commit them. A failing step is reported
@@ -20,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_step(name: str, cmd: list[str], out: Path, timeout: float) -> dict:
+def run_step(name: str, cmd: list[str], timeout: float, out: Path) -> dict:
     print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
     start = time.time()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
@@ -38,32 +39,38 @@ def run_step(name: str, cmd: list[str], out: Path, timeout: float) -> dict:
     return result
 
 
+STEPS = ("tests", "environment", "kernels", "pytest_benchmarks", "scale224", "scale512", "cameras")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "benchmarks" / "results")))
-    parser.add_argument("--skip", nargs="*", default=[], choices=["tests", "kernels", "scale"])
+    parser.add_argument("--steps", nargs="*", default=list(STEPS), choices=STEPS)
     parser.add_argument("--sweep", action="store_true", help="also sweep kernel block configurations")
     parser.add_argument("--only-kernels", nargs="*", help="subset of bench_kernels.py benchmarks")
-    parser.add_argument("--scale-sizes", nargs="*", default=["224"], help="image sizes for scale_views.py")
+    parser.add_argument("--official", default=".peers", help="copy of shared/peers for the official model's timings")
     parser.add_argument("--scale-args", default="", help="extra arguments for scale_views.py")
     parser.add_argument("--test-args", default="", help="extra pytest arguments, e.g. -k encoder")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
-    steps = []
-    if "tests" not in args.skip:
-        steps.append(("gpu_tests", [py, "-m", "pytest", "-q", "-rA", "-m", "gpu", "tests/test_gpu.py",
-                                    *args.test_args.split()], 1200))
-    if "scale" not in args.skip:
-        for size in args.scale_sizes:
-            steps.append((f"scale_views_{size}", [py, "benchmarks/scale_views.py", "--size", size, "--out-dir",
-                                                  str(args.out), *args.scale_args.split()], 3000))
-    if "kernels" not in args.skip:
-        cmd = [py, "benchmarks/bench_kernels.py", "--out", str(args.out / "kernels.json")]
-        cmd += ["--sweep"] if args.sweep else []
-        cmd += ["--only", *args.only_kernels] if args.only_kernels else []
-        steps.append(("bench_kernels", cmd, 3000))
-    results = [run_step(name, cmd, args.out, timeout) for name, cmd, timeout in steps]
+    official = ["--official", args.official] if (ROOT / args.official / "run_official.py").exists() else []
+    scale = [py, "benchmarks/scale_views.py", "--out-dir", str(args.out), "--repeats", "2", *official,
+             *args.scale_args.split()]
+    kernels = [py, "benchmarks/bench_kernels.py", "--out", str(args.out / "kernels.json")]
+    kernels += ["--sweep"] if args.sweep else []
+    kernels += ["--only", *args.only_kernels] if args.only_kernels else []
+    commands = {
+        "tests": ([py, "-m", "pytest", "-q", "-rfEs", "-m", "gpu", "tests/", *args.test_args.split()], 1200),
+        "environment": ([py, "-m", "fast3r_kernels", "--json"], 600),
+        "kernels": (kernels, 3000),
+        "pytest_benchmarks": ([py, "-m", "pytest", "-q", "benchmarks/", "--benchmark-only",
+                               f"--benchmark-json={args.out / 'pytest_benchmark.json'}"], 1200),
+        "scale224": ([*scale, "--size", "224"], 3000),
+        "scale512": ([*scale, "--size", "512", "--views", "500"], 3000),
+        "cameras": ([py, "benchmarks/bench_cameras.py", "--out", str(args.out / "cameras.json")], 900),
+    }
+    results = [run_step(name, *commands[name], args.out) for name in args.steps]
     (args.out / "gpu_check.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results))
     sys.exit(int(any(r["returncode"] != 0 for r in results)))

@@ -22,9 +22,9 @@ from fast3r_kernels import attention as triton_attention
 from fast3r_kernels import layer_norm as triton_layer_norm
 from fast3r_kernels import patch_embed as triton_patch_embed
 from fast3r_kernels._config import device_guard, interpreting
-from fast3r_kernels.attention import HEAD_DIMS, ROPE_HEAD_DIMS, rope_tables
+from fast3r_kernels.attention import HEAD_DIMS, ROPE_HEAD_DIMS, attention_forward, rope_tables
 from fast3r_kernels.layernorm import layer_norm_forward
-from fast3r_kernels.patch_embed import normalize_uint8
+from fast3r_kernels.patch_embed import normalize_uint8, patch_embed_forward
 
 BACKENDS = ("torch", "triton")
 
@@ -124,10 +124,21 @@ def _on_kernel_device(t: torch.Tensor) -> bool:
     return t.is_cuda or interpreting()
 
 
+def _inference(*tensors: torch.Tensor) -> bool:
+    """No autograd and no autocast: the layers may call the launchers directly (their inputs are well-formed)."""
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) \
+        and not torch.is_autocast_enabled(tensors[0].device.type)
+
+
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                     rope: Rope | None = None) -> torch.Tensor:
     if not _on_kernel_device(q):
         return torch_attention(q, k, v, scale, rope)
+    if _inference(q, k, v):  # skips the autograd Function and the argument checks: launch cost at small sizes
+        tables = None if rope is None else (rope.positions, *rope_tables(rope.num_pos, q.shape[-1], rope.base,
+                                                                          q.device))
+        with device_guard(q.device):
+            return attention_forward(q, k, v, scale, "BLHD", tables)[0]
     if rope is None:
         return triton_attention(q, k, v, scale=scale, layout="BLHD")
     return triton_attention(q, k, v, scale=scale, layout="BLHD", rope_pos=rope.positions, rope_base=rope.base,
@@ -146,21 +157,25 @@ def fused_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.T
     """The LayerNorm kernel; with ``residual`` it also adds the residual in the same pass."""
     if not _on_kernel_device(x):
         return torch_layer_norm(x, weight, bias, eps, residual, residual_out)
-    if residual_out is None or torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
+    if not _inference(*(t for t in (x, weight, bias, residual) if t is not None)):
         out = triton_layer_norm(x, weight, bias, eps, residual=residual)
         if residual_out is None or residual is None:
             return out
         total, y = out
         return residual_out.copy_(total), y
-    # Inference: write x + residual into the caller's buffer (no new tensor), no autograd bookkeeping.
+    # Inference: x + residual goes into the caller's buffer (no new tensor), no autograd bookkeeping.
     with device_guard(x.device):
         y, total, _, _ = layer_norm_forward(x, weight, bias, eps, residual, residual_out=residual_out)
-    return total, y
+    return y if residual is None else (total, y)
 
 
 def fused_patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, patch_size: int) -> torch.Tensor:
     if not _on_kernel_device(images):
         return torch_patch_embed(images, weight, bias, patch_size)
+    if _inference(weight, bias):
+        with device_guard(images.device):
+            return patch_embed_forward(images if images.dtype == torch.uint8 else images.to(weight.dtype), weight,
+                                       bias, patch_size)
     return triton_patch_embed(images, weight, bias, patch_size)
 
 

@@ -1,5 +1,6 @@
 """Triton kernels for Fast3R: fused attention (+RoPE-2D), LayerNorm (+residual), patch embedding."""
 
+from . import versions as versions  # first: warns about an untested Triton before the kernels import it
 from .accelerate import accelerate
 from .attention import attention
 from .layernorm import layer_norm
