@@ -2,6 +2,8 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+RECONSTRUCT = ["opencv-python-headless", "trimesh", "pycolmap", "av", "tqdm"]
+
 setup(
     name="fast3r-kernels",
     version="0.1.0",
@@ -11,19 +13,29 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["fast3r", "fast3r.*", "fast3r_kernels", "fast3r_kernels.*"]),
     install_requires=[
-        "torch>=2.4",
-        "triton>=3.2",
+        # The oldest torch the suite has run on (the H100 machine's 2.11).
+        "torch>=2.11",
+        # Only a lower bound: on Linux each torch pins its own Triton (2.11 -> 3.6.0, 2.13 -> 3.7.1), and any
+        # upper bound here would make some torch impossible to install beside this package. 3.6 is the oldest
+        # Triton the kernels are tested on (fast3r_kernels/versions.py warns on import about untested ones).
+        # Linux only: Triton publishes Linux wheels only, and torch declares it on Linux only; elsewhere the
+        # requirement could not resolve (on Windows the `triton` module comes from the triton-windows wheel).
+        'triton>=3.6; platform_system == "Linux"',
         "numpy",
         "einops",
         "safetensors",
         "pyyaml",
         "matplotlib",
         "nvidia-ml-py",
+        "pillow",  # image decoding in fast3r.images
     ],
     extras_require={
-        # numpy<2.4: triton 3.6's interpreter (TRITON_INTERPRET=1, used by the CPU tests)
-        # breaks on numpy 2.4 (triton-lang/triton#9171, fixed after 3.6).
-        "dev": ["pytest", "ruff==0.17.6", "numpy<2.4"],
+        # `fast3r` reconstructing videos and image folders: decoding, poses, exports, progress bars.
+        "reconstruct": RECONSTRUCT,
+        # numpy<2.4: Triton 3.6's interpreter (TRITON_INTERPRET=1, how the CPU tests run the kernels) breaks
+        # on numpy 2.4 (triton-lang/triton#9171; Triton 3.7 is fixed). CI tests on 3.6, the GPU machine's Triton.
+        "dev": ["pytest", "pytest-benchmark", "ruff==0.17.6", "numpy<2.4", *RECONSTRUCT],
         "hub": ["huggingface_hub"],
     },
+    entry_points={"console_scripts": ["fast3r = fast3r.cli:main"]},
 )

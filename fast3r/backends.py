@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from fast3r_kernels import attention as triton_attention
 from fast3r_kernels import layer_norm as triton_layer_norm
 from fast3r_kernels import patch_embed as triton_patch_embed
+from fast3r_kernels import tuning
 from fast3r_kernels._config import device_guard, interpreting
 from fast3r_kernels.attention import HEAD_DIMS, ROPE_HEAD_DIMS, attention_forward, rope_tables
 from fast3r_kernels.layernorm import layer_norm_forward
@@ -132,7 +133,9 @@ def _inference(*tensors: torch.Tensor) -> bool:
 
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                     rope: Rope | None = None) -> torch.Tensor:
-    if not _on_kernel_device(q):
+    """Our kernel wherever it wins: with RoPE (fused) and on long sequences; stock SDPA below that (tuning.py)."""
+    short = rope is None and k.shape[1] < tuning.FUSED_ATTENTION_MIN_KEYS and q.is_cuda
+    if short or not _on_kernel_device(q):
         return torch_attention(q, k, v, scale, rope)
     if _inference(q, k, v):  # skips the autograd Function and the argument checks: launch cost at small sizes
         tables = None if rope is None else (rope.positions, *rope_tables(rope.num_pos, q.shape[-1], rope.base,

@@ -37,6 +37,8 @@ DEFAULT_CONF_PERCENTILE = 10.0  # per view, as the official viewer's default
 MAX_POINTS = 2_000_000  # PLY / GLB: more than viewers handle smoothly is of little use
 MAX_COLMAP_POINTS = 200_000  # each point also adds an observation to images.txt
 FRUSTUM_FRACTION = 0.05  # frustum depth as a fraction of the scene's extent
+QUANTILE_ELEMENTS = 2**24  # torch.nanquantile's input limit: views per confidence-percentile call
+DRAW_MARGIN = 1.01  # draw 1% more than the cap, then trim to exactly the cap
 OPENCV_TO_OPENGL = np.diag([1.0, -1.0, -1.0, 1.0])  # flips y and z
 
 
@@ -102,31 +104,43 @@ def select_points(
     """The global points above each view's confidence percentile, at most ``max_points`` of them (a uniform draw).
 
     images: the uint8 (3, H, W) views the model saw, for colour. max_points: default MAX_POINTS.
+    Views of one size are handled together, on the preds' device; only the kept points move.
     """
     max_points = MAX_POINTS if max_points is None else max_points
     if not 0 <= conf_percentile < 100:
         raise ValueError(f"conf_percentile={conf_percentile}; pass a percentile in [0, 100)")
-    kept = []
-    for view in preds:
-        conf = view["conf"].reshape(-1).float()
-        finite = torch.isfinite(view["pts3d_in_other_view"].reshape(-1, 3)).all(-1) & torch.isfinite(conf)
-        mask = finite & (conf >= torch.quantile(conf[finite], conf_percentile / 100)) if finite.any() else finite
-        kept.append(mask.nonzero().flatten())
-    total = sum(len(k) for k in kept)
-    generator = torch.Generator().manual_seed(seed)
+    chunks = []  # (view indices, (n, H*W, 3) points, (n, H*W) mask of kept pixels)
+    for (h, w), indices in _groups_by_size(preds).items():
+        rows = max(1, QUANTILE_ELEMENTS // (h * w))
+        for start in range(0, len(indices), rows):
+            chunk = indices[start : start + rows]
+            points = torch.stack([preds[i]["pts3d_in_other_view"].reshape(-1, 3) for i in chunk])
+            conf = torch.stack([preds[i]["conf"].reshape(-1) for i in chunk]).float()
+            finite = torch.isfinite(points).all(-1) & torch.isfinite(conf)
+            conf = torch.where(finite, conf, torch.nan)
+            threshold = torch.nanquantile(conf, conf_percentile / 100, dim=1, keepdim=True)  # NaN: no finite point
+            chunks.append((chunk, points, finite & (conf >= threshold)))
+    total = sum(int(mask.sum()) for _, _, mask in chunks)
+    generator = None
     parts = []
-    for i, (view, idx) in enumerate(zip(preds, kept)):
-        if total > max_points:  # each view keeps its share of a uniform draw
-            share = round(len(idx) * max_points / total)
-            idx = idx[torch.randperm(len(idx), generator=generator)[:share].to(idx.device)].sort().values
-        w = view["conf"].shape[1]
-        idx_cpu = idx.cpu()
-        xyz = view["pts3d_in_other_view"].reshape(-1, 3)[idx].float().cpu().numpy()
-        rgb = images[i].reshape(3, -1)[:, idx_cpu].T.numpy()
-        pixel = torch.stack((idx_cpu % w, idx_cpu // w), dim=-1).numpy()
-        parts.append((xyz, rgb, np.full(len(idx_cpu), i, dtype=np.int64), pixel))
+    for chunk, points, mask in chunks:
+        if total > max_points:  # a uniform draw of about max_points; subset() trims the excess
+            if generator is None:
+                generator = torch.Generator(device=mask.device).manual_seed(seed)
+            draw = torch.rand(mask.shape, generator=generator, device=mask.device)
+            mask &= draw < max_points / total * DRAW_MARGIN
+        view, pixel = mask.nonzero().unbind(-1)
+        w = preds[chunk[0]]["conf"].shape[1]
+        xyz = points[view, pixel]
+        view, pixel = view.cpu(), pixel.cpu()
+        colours = torch.stack([images[i].reshape(3, -1) for i in chunk])[view, :, pixel]
+        parts.append((xyz.float().cpu().numpy(), colours.numpy(), torch.tensor(chunk)[view].numpy(),
+                      torch.stack((pixel % w, pixel // w), dim=-1).numpy()))
     xyz, rgb, views, pixels = (np.concatenate(p) for p in zip(*parts))
-    return PointCloud(xyz.astype(np.float32), rgb.astype(np.uint8), views, pixels.astype(np.int64))
+    order = np.argsort(views, kind="stable")
+    cloud = PointCloud(xyz[order], rgb[order].astype(np.uint8), views[order].astype(np.int64),
+                       pixels[order].astype(np.int64))
+    return cloud.subset(max_points, seed)
 
 
 # ------------------------------------------------------------------------------ writers
@@ -152,23 +166,25 @@ def write_glb(path: str | os.PathLike, cloud: PointCloud, cameras: dict[str, tor
     from trimesh.path import Path3D
     from trimesh.path.entities import Line
 
-    flip = OPENCV_TO_OPENGL[:3, :3]
+    flip = OPENCV_TO_OPENGL[:3, :3].astype(np.float32)
     scene = trimesh.Scene()
     if len(cloud):
         scene.add_geometry(trimesh.PointCloud(cloud.xyz @ flip, colors=cloud.rgb), geom_name="points")
     cam2world = cameras["cam2world"].numpy()
-    corners, entities = [], []
-    depth = _frustum_depth(cloud, cam2world)
-    colors = (colormaps["viridis"](np.linspace(0, 1, len(sizes))) * 255).astype(np.uint8)
-    for i, ((h, w), k) in enumerate(zip(sizes, cameras["intrinsics"].numpy())):
-        pixels = np.array([[0, 0], [w, 0], [w, h], [0, h]], dtype=np.float64)
-        rays = np.column_stack(((pixels - k[:2, 2]) / k[[0, 1], [0, 1]], np.ones(4)))
-        local = np.vstack((np.zeros(3), rays * depth))
-        base = 5 * i
-        corners.append(local @ cam2world[i, :3, :3].T + cam2world[i, :3, 3])
-        entities += [Line([base, base + c]) for c in range(1, 5)] + [Line([base + c for c in (1, 2, 3, 4, 1)])]
-    frusta = Path3D(entities=entities, vertices=np.vstack(corners) @ flip,
-                    colors=np.repeat(colors, 5, axis=0), process=False)
+    k = cameras["intrinsics"].numpy()
+    hw = np.array(sizes, dtype=np.float64)  # (N, 2) as (H, W)
+    # Apex and image corners (0,0), (W,0), (W,H), (0,H) at the frustum depth, in each camera frame.
+    wh = hw[:, ::-1]
+    corner_px = np.stack([np.zeros_like(wh), wh * [1, 0], wh, wh * [0, 1]], axis=1)  # (N, 4, 2)
+    rays = (corner_px - k[:, None, :2, 2]) / k[:, None, [0, 1], [0, 1]]
+    local = np.concatenate([np.zeros((len(hw), 1, 3)), np.concatenate([rays, np.ones((len(hw), 4, 1))], -1)], 1)
+    local *= _frustum_depth(cloud, cam2world)
+    corners = np.einsum("nij,nkj->nki", cam2world[:, :3, :3], local) + cam2world[:, None, :3, 3]  # (N, 5, 3)
+    # One polyline a camera walks all 8 edges (c1-c2 twice): c4 c1 apex c2 c3 apex c4 c3 c2 c1.
+    walk = np.array([4, 1, 0, 2, 3, 0, 4, 3, 2, 1])
+    entities = [Line(5 * i + walk) for i in range(len(hw))]
+    colors = (colormaps["viridis"](np.linspace(0, 1, len(hw))) * 255).astype(np.uint8)
+    frusta = Path3D(entities=entities, vertices=corners.reshape(-1, 3) @ flip, colors=colors, process=False)
     scene.add_geometry(frusta, geom_name="cameras")
     data = scene.export(file_type="glb")
     with atomic_write(path) as f:
@@ -249,20 +265,12 @@ def write_npz(path: str | os.PathLike, preds: Sequence[dict[str, torch.Tensor]],
     ``image_sizes`` (N, 2) holds each view's (H, W).
     """
     sizes = np.array([tuple(view["conf"].shape) for view in preds], dtype=np.int64)
-    h, w = sizes.max(0)
-    arrays = {}
-    for key, channels in (("pts3d_in_other_view", 3), ("conf", 0), ("pts3d_local", 3), ("conf_local", 0)):
-        if key not in preds[0]:
-            continue
-        out = np.full((len(preds), h, w, channels) if channels else (len(preds), h, w), np.nan, dtype=np.float32)
-        for i, view in enumerate(preds):
-            out[i, : sizes[i, 0], : sizes[i, 1]] = view[key].float().cpu().numpy()
-        arrays["pts3d" if key == "pts3d_in_other_view" else key] = out
+    arrays = {name: _stacked([view[key] for view in preds], sizes, np.nan)
+              for name, key in (("pts3d", "pts3d_in_other_view"), ("conf", "conf"), ("pts3d_local", "pts3d_local"),
+                                ("conf_local", "conf_local")) if key in preds[0]}
     if "pts3d_local" in arrays:
         arrays["depth"] = arrays["pts3d_local"][..., 2].copy()
-    pixels = np.zeros((len(images), h, w, 3), dtype=np.uint8)
-    for i, image in enumerate(images):
-        pixels[i, : sizes[i, 0], : sizes[i, 1]] = image.permute(1, 2, 0).numpy()
+    pixels = _stacked([image.permute(1, 2, 0) for image in images], sizes, 0)
     arrays.update(images=pixels, image_sizes=sizes, names=np.array(names),
                   cam2world=cameras["cam2world"].numpy(), intrinsics=cameras["intrinsics"].numpy())
     with atomic_write(path) as f:
@@ -337,6 +345,26 @@ def export(
 def export_steps(formats: Sequence[str]) -> int:
     """How many times ``export`` calls on_step for these formats."""
     return len(set(formats) & set(FORMATS)) + bool({"colmap", "nerfstudio"} & set(formats))
+
+
+def _stacked(tensors: Sequence[torch.Tensor], sizes: np.ndarray, fill: float) -> np.ndarray:
+    """(H_i, W_i, ...) tensors -> one (N, H, W, ...) array, padded with ``fill``; one device transfer if sizes agree."""
+    floating = tensors[0].is_floating_point()
+    if (sizes == sizes[0]).all():
+        stacked = torch.stack(list(tensors))
+        return (stacked.float() if floating else stacked).cpu().numpy()
+    h, w = sizes.max(0)
+    out = np.full((len(tensors), h, w, *tensors[0].shape[2:]), fill, dtype=np.float32 if floating else np.uint8)
+    for i, tensor in enumerate(tensors):
+        out[i, : sizes[i, 0], : sizes[i, 1]] = (tensor.float() if floating else tensor).cpu().numpy()
+    return out
+
+
+def _groups_by_size(preds: Sequence[dict[str, torch.Tensor]]) -> dict[tuple[int, int], list[int]]:
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, view in enumerate(preds):
+        groups.setdefault(tuple(int(s) for s in view["conf"].shape), []).append(i)
+    return groups
 
 
 def _frustum_depth(cloud: PointCloud, cam2world: np.ndarray) -> float:

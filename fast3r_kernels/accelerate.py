@@ -101,12 +101,18 @@ def _kind(module: nn.Module) -> str | None:
 
 
 def _fuse_layer_norm(ln: nn.LayerNorm) -> nn.Module:
+    if type(ln).forward is not nn.LayerNorm.forward:
+        raise Refused(f"{type(ln).__name__} overrides nn.LayerNorm.forward; its callers may pass what the fused "
+                      "module does not take")
     if len(ln.normalized_shape) != 1:
         raise Refused(f"normalizes over {tuple(ln.normalized_shape)}; the kernel normalizes the last dimension only")
     return FusedLayerNorm.from_layer_norm(ln)
 
 
 def _fuse_attention(attn: nn.Module) -> nn.Module:
+    params = list(inspect.signature(attn.forward).parameters)
+    if len(params) != 2:
+        raise Refused(f"its forward takes {tuple(params)}; the fused attention replaces forward(x, xpos)")
     unknown = sorted(set(attn._modules) - ATTENTION_CHILDREN - {n for n, m in attn._modules.items()
                                                                   if isinstance(m, nn.Identity)})
     if unknown:

@@ -18,6 +18,10 @@ ATTENTION_FWD_LONG = {**ATTENTION_FWD, "BLOCK_N": 128}
 ATTENTION_FWD_ROPE = {"BLOCK_M": 256, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
 ATTENTION_BWD = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 LONG_SEQUENCE = 32768  # keys from which the 128-key tiles win (H100, 32k-294k keys)
+# Below this many keys, without RoPE, stock cuDNN attention is as fast or faster than ours (H100, bf16, same
+# run, results/kernels_h100.json: 16k keys 0.96x, 64k 0.99x, 294k 1.07x of cuDNN) and launches with less
+# host time, which dominates at 1-32 views; Fast3R's triton backend hands those calls to SDPA.
+FUSED_ATTENTION_MIN_KEYS = 65536
 
 # fp32: 64x64 tiles with two stages fit at D=128 (K and V tiles of 32 KiB each per stage).
 ATTENTION_FP32 = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}

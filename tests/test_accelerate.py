@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -121,18 +122,64 @@ def test_official_structure_tree_is_accelerated_without_changing_outputs_or_stat
     assert model.dec_blocks[0].attn.softmax_scale() == model.dec_blocks[0].attn.scale
 
 
-def test_fast3r_modules_are_swapped_once_and_idempotently():
-    model = Fast3R("tiny")
-    keys = list(model.state_dict())
+def test_a_fast3r_model_keeps_its_backend_built_layers_and_says_why():
+    """Fast3R picks its backend when built; accelerate() must not swap layers whose forward differs."""
+    torch.manual_seed(0)
+    model = Fast3R("tiny").eval()
+    images = torch.randint(0, 256, (2, 3, 32, 48), dtype=torch.uint8)
+    with torch.inference_mode():
+        before = model(images)
+    with pytest.warns(UserWarning, match="left"):
+        accelerate(model)
+    report = model.acceleration_report
+    assert not report.swapped["attention"] and not report.swapped["layer_norm"]
+    assert "forward(x, xpos)" in report.skipped["encoder.enc_blocks.0.attn"]
+    assert "overrides nn.LayerNorm.forward" in report.skipped["decoder.dec_norm"]
+    with torch.inference_mode():
+        after = model(images)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for a, b in zip(after, before) for k in a)
+
+
+def test_swapping_is_idempotent_and_reported():
+    model = OfficialStyleModel().eval()
     accelerate(model)
-    kinds = [type(m) for m in model.modules()]
-    assert kinds.count(FusedPatchEmbed) == 1
-    assert kinds.count(FusedAttention) == 2 + 10  # encoder + fusion blocks
-    assert kinds.count(nn.LayerNorm) == 0 and kinds.count(FusedLayerNorm) == 2 * 12 + 2
-    assert list(model.state_dict()) == keys
+    report = model.acceleration_report
+    assert len(report.swapped["attention"]) == len(model.enc_blocks) + len(model.dec_blocks)
+    assert report.swapped["patch_embed"] == ["patch_embed"] and not report.skipped
     before = list(model.modules())
     accelerate(model)
     assert list(model.modules()) == before
+    assert "attention: " in str(report)
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ("proj_drop", "proj_drop has p=0.1"),
+    ("q_norm", "children ['q_norm']"),
+    ("rope_d32", "head dim 32 with RoPE"),
+    ("patch_norm", "children ['norm']"),
+    ("patch_returns_map", "does not return (tokens"),
+])
+def test_what_cannot_be_reproduced_exactly_is_refused_with_the_reason(change, fragment):
+    model = OfficialStyleModel().eval()
+    target = "enc_blocks.0.attn"
+    if change == "proj_drop":
+        model.enc_blocks[0].attn.proj_drop = nn.Dropout(0.1)
+    elif change == "q_norm":
+        model.enc_blocks[0].attn.q_norm = nn.LayerNorm(64)
+    elif change == "rope_d32":
+        attn = OfficialStyleAttention(64, 2, rope=model.rope)
+        model.enc_blocks[0].attn = attn
+    elif change == "patch_norm":
+        model.patch_embed.norm = nn.LayerNorm(128)
+        target = "patch_embed"
+    else:
+        model.patch_embed.forward = lambda images, true_shape=None: images  # a feature map, not tokens
+        target = "patch_embed"
+    original = model.get_submodule(target)
+    with pytest.warns(UserWarning, match="unchanged"):
+        accelerate(model)
+    assert model.get_submodule(target) is original
+    assert fragment in model.acceleration_report.skipped[target]
 
 
 def test_what_is_not_supported_is_left_alone():

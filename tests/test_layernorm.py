@@ -121,3 +121,15 @@ def test_bad_input_is_rejected_with_a_clear_message(make, error, message):
     x, w, b, res = make()
     with pytest.raises(error, match=message):
         layer_norm(x, w, b, residual=res)
+
+
+def test_autocast_gives_fp32_like_nn_layer_norm():
+    """Regression: under bf16 autocast FusedLayerNorm returned bf16 where nn.LayerNorm returns fp32."""
+    ln = torch.nn.LayerNorm(64)
+    fused = FusedLayerNorm.from_layer_norm(ln)
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = ln(x), fused(x)
+        total, normed = layer_norm(x, ln.weight, ln.bias, 1e-5, residual=torch.randn_like(x))
+    assert want.dtype == got.dtype == normed.dtype == total.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
