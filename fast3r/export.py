@@ -7,8 +7,9 @@ OpenGL camera axes. COLMAP and nerfstudio put pixel centres at +0.5 (the image's
 pixel (x, y) is the integer column and row.
 
 Every file is written to a temporary file in its own directory and renamed into place
-(``os.replace`` is atomic on one filesystem): an interrupted export leaves the old file or
-none, never half a file. trimesh writes PLY and GLB, pycolmap the COLMAP model, Pillow the
+(``os.replace`` is atomic on one filesystem): an interrupted export (an exception, Ctrl-C, a
+killed process) leaves the old file or none, never half a file. Files are not fsynced, so
+this does not cover a power cut. trimesh writes PLY and GLB, pycolmap the COLMAP model, Pillow the
 images; they are imported when used so that ``import fast3r`` works without them.
 """
 

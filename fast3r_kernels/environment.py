@@ -162,7 +162,7 @@ def check_kernel(name: str, device: torch.device, dtype: torch.dtype) -> KernelC
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         return KernelCheck(name, False, str(dtype), tolerance, time.perf_counter() - start, failure=detail)
     passed = error <= tolerance
-    failure = None if passed else f"relative error {error:.2e} is above the tolerance {tolerance:.0e}"
+    failure = None if passed else f"relative error {error:.1e} is above the tolerance {tolerance:.0e}"
     return KernelCheck(name, passed, str(dtype), tolerance, time.perf_counter() - start, error, failure)
 
 

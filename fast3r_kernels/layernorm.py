@@ -14,7 +14,10 @@ one small (programs x N) sum finishes them. No atomics, so results are determini
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -228,13 +231,21 @@ def layer_norm(
     """LayerNorm of x over its last dimension (width <= 8192), statistics in fp32.
 
     With ``residual``, returns ``(x + residual, layer_norm(x + residual))``, the two
-    tensors a pre-norm block needs, in one pass. Outputs have x's dtype; under autocast
-    they are fp32, as ``nn.LayerNorm`` gives there.
+    tensors a pre-norm block needs, in one pass. Outputs have x's dtype; under autocast,
+    the dtype ``nn.LayerNorm`` gives there (fp32 on CUDA).
     """
     if autocast_dtype(x.device) is not None:
-        x, weight, bias, residual = (t.float() if t is not None else None for t in (x, weight, bias, residual))
+        dtype = _autocast_layer_norm_dtype(x.device, autocast_dtype(x.device))
+        x, weight, bias, residual = (t.to(dtype) if t is not None else None for t in (x, weight, bias, residual))
     _check(x, weight, bias, residual)
     return LayerNormFunction.apply(x, weight, bias, residual, eps)
+
+
+@functools.lru_cache(maxsize=8)
+def _autocast_layer_norm_dtype(device: torch.device, autocast: torch.dtype) -> torch.dtype:
+    """The dtype autocast's policy gives layer_norm on this device (asked once: the policy differs by device)."""
+    with torch.autocast(device.type, dtype=autocast):
+        return F.layer_norm(torch.ones(1, 2, device=device, dtype=autocast), (2,)).dtype
 
 
 def _check(x, weight, bias, residual) -> None:

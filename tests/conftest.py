@@ -38,3 +38,10 @@ def fresh_seed(request):
     torch.manual_seed(seed)
     request.node.add_report_section("setup", "seed", f"torch.manual_seed({seed})")
     return seed
+
+
+@pytest.fixture
+def default_device(device):
+    """Tensors created in the test body land on the case's device (the case tables run on CPU and GPU)."""
+    with torch.device(device):
+        yield device

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_checks import DTYPES, assert_close_to_reference, poisoned_outputs
+from kernel_checks import DEVICES, DTYPES, assert_close_to_reference, poisoned_outputs
 
 from fast3r_kernels import FusedPatchEmbed, patch_embed
 
@@ -17,10 +17,11 @@ def reference(images, weight, bias, p):
     return F.conv2d(pixels.to(weight.dtype), weight, bias, stride=p).flatten(2).transpose(1, 2)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("uint8", [False, True], ids=["float", "uint8"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n, h, w, p, d", CASES)
-def test_forward_and_weight_gradients_match_conv2d(n, h, w, p, d, dtype, uint8):
+def test_forward_and_weight_gradients_match_conv2d(n, h, w, p, d, dtype, uint8, default_device):
     images = (torch.randint(0, 256, (n, 3, h, w), dtype=torch.uint8) if uint8
               else (torch.rand(n, 3, h, w) * 2 - 1).to(dtype))
     weight = (torch.randn(d, 3, p, p) / (3 * p)).to(dtype).requires_grad_()
