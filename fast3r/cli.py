@@ -169,6 +169,7 @@ def reconstruct(args: argparse.Namespace) -> Summary:
     with _timed(summary, "decode"), tqdm(total=count_work(sources), desc="decode", unit="frame") as bar:
         views: Views = load_views(sources, size=args.size, fps=args.fps, every=args.every,
                                   max_views=args.max_views, on_decoded=bar.update)
+        bar.total = bar.n  # containers may state a frame count the decoder does not reach
     summary.views, summary.image_sizes = len(views.images), [tuple(v.shape[1:]) for v in views.images]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

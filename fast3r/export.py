@@ -9,8 +9,8 @@ pixel (x, y) is the integer column and row.
 Every file is written to a temporary file in its own directory and renamed into place
 (``os.replace`` is atomic on one filesystem): an interrupted export (an exception, Ctrl-C, a
 killed process) leaves the old file or none, never half a file. Files are not fsynced, so
-this does not cover a power cut. trimesh writes PLY and GLB, pycolmap the COLMAP model, Pillow the
-images; they are imported when used so that ``import fast3r`` works without them.
+this does not cover a power cut. trimesh writes PLY and GLB, pycolmap the COLMAP model,
+Pillow the images; they are imported when used so that ``import fast3r`` works without them.
 """
 
 from __future__ import annotations
@@ -200,8 +200,9 @@ def write_colmap(directory: str | os.PathLike, cameras: dict[str, torch.Tensor],
     PINHOLE cameras (views with equal size and focal share one); images by ``names``
     (relative to the images folder) with their world-to-camera poses, as COLMAP stores
     them (quaternion w, x, y, z and translation); up to ``max_points`` points (default
-    MAX_COLMAP_POINTS), each observed by the view it came from at its pixel centre. Written
-    by pycolmap, so the rigs and frames files of COLMAP >= 3.12 come along.
+    MAX_COLMAP_POINTS), each observed by the view it came from at its pixel centre, with its
+    reprojection error. Written by pycolmap, so the rigs and frames files of COLMAP >= 3.12
+    come along.
     """
     import pycolmap
 
@@ -229,6 +230,7 @@ def write_colmap(directory: str | os.PathLike, cameras: dict[str, torch.Tensor],
         track = pycolmap.Track()
         track.add_element(int(cloud.view[p]) + 1, int(point2d_idx[p]))
         model.add_point3D(cloud.xyz[p].astype(np.float64), track, cloud.rgb[p])
+    model.update_point_3d_errors()  # each point's reprojection error: how well cameras and points agree
     with atomic_directory(directory) as tmp:
         model.write_text(str(tmp))
         model.write_binary(str(tmp))

@@ -33,6 +33,12 @@ class GraphCache:
     def __len__(self) -> int:
         return len(self._graphs)
 
+    def __deepcopy__(self, memo: dict) -> GraphCache:
+        return GraphCache()  # a copied model captures its own graphs (a graph cannot be copied)
+
+    def __getstate__(self) -> dict:
+        return {"_graphs": {}}  # likewise when pickled
+
     def run(self, forward: Callable[[torch.Tensor], list[dict[str, torch.Tensor]]], images: torch.Tensor,
             key: tuple) -> list[dict[str, torch.Tensor]]:
         key = (tuple(images.shape), images.dtype, images.device, *key)

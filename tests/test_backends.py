@@ -68,3 +68,17 @@ def test_unsupported_head_dims_are_refused_when_the_model_is_built():
 def test_unknown_backend_is_named():
     with pytest.raises(ValueError, match="backend='cuda'"):
         Fast3R("tiny", backend="cuda")
+
+
+def test_a_model_with_cuda_graphs_can_still_be_copied_and_pickled():
+    """Regression: deepcopy of a model that had replayed a graph failed ('cannot pickle CUDAGraph')."""
+    import copy
+    import pickle
+
+    from fast3r.graphs import GraphCache
+
+    model = Fast3R("tiny")
+    model._graph_cache = GraphCache()
+    model._graph_cache._graphs[("key",)] = object()  # stands for a captured graph, which cannot be copied
+    assert len(copy.deepcopy(model)._graph_cache) == 0
+    assert len(pickle.loads(pickle.dumps(model))._graph_cache) == 0

@@ -77,6 +77,7 @@ def test_colmap_round_trip_with_pycolmap(scene, tmp_path, kind):
     (model.read_text if kind == "text" else model.read_binary)(str(tmp_path / "sparse/0"))
     assert model.num_reg_images() == 3 and model.num_points3D() == 2000
     assert model.num_cameras() == 2  # the two landscape views share a camera
+    assert model.compute_mean_reprojection_error() < 1e-3  # exact pointmaps, true cameras
     for image_id, image in model.images.items():
         i = image_id - 1
         assert image.name == scene["names"][i]
@@ -94,6 +95,15 @@ def test_colmap_round_trip_with_pycolmap(scene, tmp_path, kind):
         np.testing.assert_allclose(image.project_point(point.xyz), observed, atol=1e-3)
         x, y = (observed - 0.5).round().astype(int)
         np.testing.assert_array_equal(point.color, scene["images"][element.image_id - 1][:, y, x].numpy())
+
+
+def test_colmap_points_carry_their_reprojection_error(scene, tmp_path):
+    cloud = export.select_points(scene["preds"], scene["images"], max_points=300)
+    wrong = {**scene["cameras"], "intrinsics": scene["cameras"]["intrinsics"] * torch.tensor([1.1, 1.1, 1.0])[:, None]}
+    export.write_colmap(tmp_path, wrong, scene["sizes"], scene["names"], cloud)  # focal 10% too long
+    model = pycolmap.Reconstruction(str(tmp_path))
+    assert model.compute_mean_reprojection_error() > 0.1
+    assert all(point.error > 0 for point in model.points3D.values())
 
 
 def test_colmap_text_stores_world_to_camera_quaternions(scene, tmp_path):
