@@ -51,9 +51,6 @@ DEFAULT_VIEWS = (1, 2, 10, 16, 32, 100, 500, 1000, 1500)
 CPU_VIEWS = (1, 2, 4)
 SIZES = {"224": (224, 224), "512": (384, 512)}  # (H, W): 224 crops square, 512 gives 512x384 landscape
 STAGES = {"encoder": "encoder", "fusion": "decoder", "heads": ("downstream_head", "downstream_head_local")}
-# The official code with bf16 weights on the same H100, as measured for SPEC.md (not re-run here):
-# views -> (seconds, peak GiB or None). Plotted for context only.
-OFFICIAL_BF16 = {"224": {16: (0.092, None), 500: (3.71, 8.6), 1500: (28.7, 23.4)}, "512": {200: (8.40, 13.8)}}
 
 
 class StageTimer:
@@ -247,21 +244,24 @@ def merge(paths: list[Path]) -> dict:
     docs = [json.loads(p.read_text()) for p in paths]
     keys = {(d["gpu"], d["size"], d["preset"], d["dtype"]) for d in docs}
     if len(keys) != 1:
-        raise SystemExit(f"--merge needs runs of one GPU, size, preset and dtype; got {sorted(keys)}")
-    return {**docs[0], "records": [r for d in docs for r in d["records"]], "merged_from": [p.name for p in paths]}
+        raise SystemExit(f"--merge needs runs of one GPU kind, size, preset and dtype; got {sorted(keys)}")
+    gpus = max(d.get("gpus", 1) for d in docs)
+    return {**docs[0], "gpus": gpus, "records": [r for d in docs for r in d["records"]],
+            "merged_from": [p.name for p in paths]}
 
 
 def table(doc: dict) -> str:
-    rows = ["| views | backend | s / forward | encoder | fusion | heads | views/s | peak GiB | NVML GiB |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| views | backend | GPUs | s / forward | encoder | fusion | heads | views/s | peak GiB | NVML GiB |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["records"]:
-        if r["oom"]:
-            rows.append(f"| {r['views']} | {r['backend']} | OOM | | | | | | |")
+        if r["oom"] or r["seconds"] is None:
+            rows.append(f"| {r['views']} | {r['backend']} | {r.get('gpus', 1)} | {'OOM' if r['oom'] else 'failed'} "
+                        "| | | | | | |")
             continue
         cells = [_cell(r, "seconds"), _cell(r, "seconds_encoder"), _cell(r, "seconds_fusion"),
                  _cell(r, "seconds_heads"), _cell(r, "views_per_second", "{:.0f}"), _cell(r, "peak_gib", "{:.2f}"),
                  _cell(r, "nvml_used_gib", "{:.1f}")]
-        rows.append(f"| {r['views']} | {r['backend']} | " + " | ".join(cells) + " |")
+        rows.append(f"| {r['views']} | {r['backend']} | {r.get('gpus', 1)} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -276,16 +276,16 @@ def plot(doc: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for backend in dict.fromkeys(r["backend"] for r in doc["records"]):
-        ok = [r for r in doc["records"] if r["backend"] == backend and not r["oom"]]
-        ax_t.plot([r["views"] for r in ok], [r["seconds"] for r in ok], "o-", label=f"Fast3R, {backend} backend")
-        if all(r.get("peak_gib") is not None for r in ok):
-            ax_m.plot([r["views"] for r in ok], [r["peak_gib"] for r in ok], "o-", label=f"{backend} backend")
-    official = OFFICIAL_BF16.get(doc["size"], {}) if doc["gpu"] != "cpu" else {}
-    if official:
-        ax_t.plot(list(official), [t for t, _ in official.values()], "kx", label="official code, bf16 (SPEC.md)")
-        mem = {v: m for v, (_, m) in official.items() if m is not None}
-        ax_m.plot(list(mem), list(mem.values()), "kx", label="official code, bf16 (SPEC.md)")
+    for backend, gpus in dict.fromkeys((r["backend"], r.get("gpus", 1)) for r in doc["records"]):
+        ok = sorted((r for r in doc["records"] if r["backend"] == backend and r.get("gpus", 1) == gpus
+                     and not r["oom"] and r["seconds"] is not None), key=lambda r: r["views"])
+        label = "official code (bf16 weights)" if backend == "official" else f"Fast3R, {backend} backend"
+        label += f", {gpus} GPUs" if gpus > 1 else ""
+        style = "kx--" if backend == "official" else "o-"
+        ax_t.plot([r["views"] for r in ok], [r["seconds"] for r in ok], style, label=label)
+        if ok and all(r.get("peak_gib") is not None for r in ok):
+            ax_m.plot([r["views"] for r in ok], [r["peak_gib"] for r in ok], style,
+                      label=label + (" (largest per GPU)" if gpus > 1 else ""))
     h, w = doc["image_hw"]
     for ax, ylabel in ((ax_t, "seconds per forward"), (ax_m, "peak GiB (max_memory_allocated)")):
         ax.set_xscale("log")
