@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("--random-weights", action="store_true",
                          help="run the tiny model with random weights: tests the pipeline, output is meaningless")
     rec.add_argument("--size", type=int, choices=SIZES, default=512,
-                     help="512: long side 512 (the released model's training size); 224: centre square")
+                     help="512 (default): long side 512, the released model's training size; 224: centre square")
     rec.add_argument("--backend", choices=BACKENDS, help="default: triton on a CUDA GPU, torch otherwise")
     rec.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on a CUDA GPU, fp32 otherwise")
     sampling = rec.add_mutually_exclusive_group()
@@ -156,17 +156,18 @@ def reconstruct(args: argparse.Namespace) -> Summary:
     require_packages(args, has_video=any(s.kind == "video" for s in sources))
     from tqdm import tqdm
 
-    out = prepare_output(args.out)
+    work = count_work(sources)  # opens every video: an unreadable one fails here, before the model loads
+    check_output(args.out)
     summary = Summary(random_weights=args.random_weights)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backend, dtype = choose_backend(args.backend, device), DTYPES[args.dtype or ("bf16" if device.type == "cuda"
-                                                                                  else "fp32")]
+    backend = choose_backend(args.backend, device)
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     if args.random_weights:
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
     with _timed(summary, "load model"):
         model = load_model(args, backend, device, dtype)
 
-    with _timed(summary, "decode"), tqdm(total=count_work(sources), desc="decode", unit="frame") as bar:
+    with _timed(summary, "decode"), tqdm(total=work, desc="decode", unit="frame") as bar:
         views: Views = load_views(sources, size=args.size, fps=args.fps, every=args.every,
                                   max_views=args.max_views, on_decoded=bar.update)
         bar.total = bar.n  # containers may state a frame count the decoder does not reach
@@ -184,7 +185,7 @@ def reconstruct(args: argparse.Namespace) -> Summary:
     with _timed(summary, "cameras"), tqdm(total=len(preds), desc=f"cameras ({args.cameras})", unit="view") as bar:
         cameras = estimate_cameras(preds, method=args.cameras, progress=bar.update)
     with _timed(summary, "export"), tqdm(total=exporting.export_steps(args.export), desc="export", unit="file") as bar:
-        summary.files = exporting.export(out, args.export, preds=preds, images=views.images, names=views.names,
+        summary.files = exporting.export(make_output(args.out), args.export, preds=preds, images=views.images, names=views.names,
                                          cameras=cameras, conf_percentile=args.conf_percentile,
                                          on_step=lambda step: (bar.set_postfix_str(step), bar.update()))
     if device.type == "cuda":
@@ -209,9 +210,13 @@ def require_packages(args: argparse.Namespace, *, has_video: bool) -> None:
             f"(or pip install \"fast3r-kernels[{EXTRA}]\")")
 
 
-def prepare_output(out: Path) -> Path:
+def check_output(out: Path) -> None:
+    """Refuse an output path that is a file before any work; the directory is made only when there is output."""
     if out.exists() and not out.is_dir():
         raise OutputDirError(f"--out {out} is a file; pass a directory (it is created if missing)")
+
+
+def make_output(out: Path) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:

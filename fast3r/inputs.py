@@ -43,11 +43,10 @@ class Source:
 class Views:
     images: list[torch.Tensor]  # uint8 (3, H, W), preprocessed
     names: list[str]  # unique PNG file names, e.g. "00003_IMG_0042.png" or "00007_clip_f000120.png"
-    origins: list[str]  # where each view came from: the image path, or "video.mp4#frame=120"
 
 
 def find_sources(inputs: Sequence[str | os.PathLike]) -> list[Source]:
-    """Expand the command line's inputs into image and video files; videos are opened once to check them."""
+    """Expand the command line's inputs into image and video files (by extension; nothing is opened)."""
     sources: list[Source] = []
     for raw in inputs:
         path = Path(raw)
@@ -65,21 +64,16 @@ def find_sources(inputs: Sequence[str | os.PathLike]) -> list[Source]:
             raise FileNotFoundError(f"input {path} does not exist")
     if not sources:
         raise NoImagesFoundError("no images found: pass image files, folders of images, or videos")
-    for source in sources:
-        if source.kind == "video":
-            probe(source.path)
     return sources
 
 
 def count_work(sources: Sequence[Source]) -> int | None:
-    """Images plus video frames to decode (for a progress bar's total); None if a video does not say."""
-    total = 0
-    for source in sources:
-        frames = 1 if source.kind == "image" else probe(source.path).frames
-        if frames is None:
-            return None
-        total += frames
-    return total
+    """Images plus video frames to decode (for a progress bar's total; None if a video does not say).
+
+    Opens every video, so an unreadable one raises UnreadableVideoError here.
+    """
+    counts = [1 if source.kind == "image" else probe(source.path).frames for source in sources]
+    return None if None in counts else sum(counts)
 
 
 def load_views(
@@ -92,21 +86,20 @@ def load_views(
     on_decoded: Callable[[int], object] | None = None,
 ) -> Views:
     """Decode and preprocess every source; keep ``max_views`` evenly spread views if there are more."""
-    loaded: list[tuple[torch.Tensor, str, str]] = []  # image, stem for the name, origin
+    loaded: list[tuple[torch.Tensor, str]] = []  # image, stem for its file name
     images = [s for s in sources if s.kind == "image"]
     by_path = dict(zip((s.path for s in images), _load_image_files([s.path for s in images], size, on_decoded)))
     for source in sources:
         if source.kind == "image":
-            loaded.append((by_path[source.path], source.path.stem, str(source.path)))
+            loaded.append((by_path[source.path], source.path.stem))
         else:
             for index, frame in read_frames(source.path, size=size, fps=fps, every=every, on_decoded=on_decoded):
-                loaded.append((frame, f"{source.path.stem}_f{index:06d}", f"{source.path}#frame={index}"))
+                loaded.append((frame, f"{source.path.stem}_f{index:06d}"))
     if max_views is not None and len(loaded) > max_views:
         keep = np.unique(np.linspace(0, len(loaded) - 1, max_views).round().astype(int))
         loaded = [loaded[i] for i in keep]
-    return Views(images=[image for image, _, _ in loaded],
-                 names=[f"{i:05d}_{_safe(stem)}.png" for i, (_, stem, _) in enumerate(loaded)],
-                 origins=[origin for _, _, origin in loaded])
+    return Views(images=[image for image, _ in loaded],
+                 names=[f"{i:05d}_{_safe(stem)}.png" for i, (_, stem) in enumerate(loaded)])
 
 
 def _load_image_files(paths: list[Path], size: int, on_decoded: Callable[[int], object] | None) -> list[torch.Tensor]:
