@@ -320,15 +320,19 @@ def write_json(doc: dict, path: Path) -> None:
 def print_table(doc: dict) -> None:
     print(f"\n{doc['gpu']} x {doc['P']}, {doc['dtype']}, {doc['heads']} heads x {doc['head_dim']}")
     for rec in doc["records"]:
-        single = ", ".join(f"{k} {v:.4g}" for k, v in rec["single_gpu"].items())
+        single = ", ".join(f"{k} {_fmt(v)}" for k, v in rec["single_gpu"].items())
         print(f"N={rec['tokens']}  shards {rec['shard_lengths']}  one GPU: {single}")
         for name, r in rec["methods"].items():
             if "seconds" in r:
-                print(f"  {name:36s} {r['seconds']:9.4f} s  x{r.get('speedup_vs_1gpu', float('nan')):5.2f}  "
+                print(f"  {name:36s} {r['seconds']:9.4f} s  x{r.get('speedup_vs_1gpu', float('nan')):5.2f} vs 1 GPU  "
                       f"rel.err {r['rel_error']:.2e}")
             else:
                 print(f"  {name:36s} {r.get('error') or r.get('skipped')}")
-        print("  step: " + ", ".join(f"{k} {v:.4g}" for k, v in rec["step"].items()))
+        print("  step: " + ", ".join(f"{k} {_fmt(v)}" for k, v in rec["step"].items()))
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float | int) else str(value)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -381,6 +385,7 @@ def main(argv: list[str] | None = None) -> None:
             write_json(doc, out)
             print_table(doc)
             print(f"\nwrote {out}")
+        dist.barrier()  # leave together: no rank tears down its connections while rank 0 still writes
     finally:
         dist.destroy_process_group()
 

@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" NCCL_NVLS
 out="${OUT:-benchmarks/results/run}"
 work="$(mktemp -d)"
 phase="${1:?usage: gpu_all.sh single|parallel|parallel512}"
-scale=(python benchmarks/scale_views.py --backend triton --cuda-graph-max-views 0 --outputs-to-cpu
+scale=(benchmarks/scale_views.py --backend triton --cuda-graph-max-views 0 --outputs-to-cpu
        --single-run-above 1000 --repeats 1)
 
 case "$phase" in
@@ -33,7 +33,13 @@ parallel)
         > "$work/bench_cp_p2.log" 2>&1
     torchrun --standalone --nproc-per-node 4 benchmarks/bench_context_parallel.py --out "$work/context_parallel_p4.json" \
         > "$work/bench_cp_p4.log" 2>&1
-    CUDA_VISIBLE_DEVICES=0 "${scale[@]}" --size 224 --points 16 1500 3000 --out-dir "$work/p1" > "$work/p1.log" 2>&1
+    CUDA_VISIBLE_DEVICES=0 python "${scale[@]}" --size 224 --points 16 1500 3000 --out-dir "$work/p1" > "$work/p1.log" 2>&1
+    for p in 2 4; do
+        torchrun --standalone --nproc-per-node $p "${scale[@]}" --size 224 --points 16 1500 3000 \
+            --out-dir "$work/p$p" > "$work/p$p.log" 2>&1
+    done
+    ;;
+parallel224)  # the context-parallel part of "parallel" alone
     for p in 2 4; do
         torchrun --standalone --nproc-per-node $p "${scale[@]}" --size 224 --points 16 1500 3000 \
             --out-dir "$work/p$p" > "$work/p$p.log" 2>&1

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_step(name: str, cmd: list[str], timeout: float, out: Path) -> dict:
     print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
     start = time.time()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
     with open(out / f"{name}.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:

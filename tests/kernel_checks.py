@@ -43,8 +43,9 @@ def assert_close_to_reference(got: torch.Tensor, ref64: torch.Tensor, stock: tor
     """got vs the fp64 reference; for half types also vs the stock PyTorch op in got's dtype."""
     assert torch.isfinite(got).all(), f"{what}: unwritten or non-finite elements"
     err = rel(got, ref64)
-    if got.dtype == torch.float32:
-        assert err <= FP32_TOLERANCE, f"{what}: fp32 relative error {err:.2e}"
+    if got.dtype == torch.float32:  # with a stock result: or within 2x of PyTorch's own fp32 error (ill-conditioned)
+        limit = FP32_TOLERANCE if stock is None else max(FP32_TOLERANCE, 2 * rel(stock, ref64))
+        assert err <= limit, f"{what}: fp32 relative error {err:.2e} (limit {limit:.1e})"
         return
     stock_err = rel(stock, ref64) if stock is not None else 0.0
     assert err <= HALF_TOLERANCE, f"{what}: {got.dtype} relative error {err:.2e}"

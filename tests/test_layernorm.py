@@ -44,18 +44,17 @@ def test_forward_and_backward_match_pytorch(rows, width, fused, affine, dtype, d
     s64, y64 = reference(x64, w64, b64, eps, r64)
     ref_grads = torch.autograd.grad([s64, y64] if fused else [y64], leaves64,
                                     [grad_s.double(), grad_y.double()] if fused else [grad_y.double()])
-    stock_y = stock_grads = None
-    if dtype != torch.float32:
-        stock_leaves = [t.detach().requires_grad_() for t in leaves]
-        it = iter(stock_leaves)
-        xs, ws, bs, rs = (next(it) if t is not None else None for t in (x, w, b, res))
-        stock_s, stock_y = reference(xs, ws, bs, eps, rs)
-        stock_grads = torch.autograd.grad([stock_s, stock_y] if fused else [stock_y], stock_leaves,
-                                          [grad_s, grad_y] if fused else [grad_y])
+    # PyTorch's own op in the same dtype; in fp32 it bounds ill-conditioned cases (width 3: dx nearly cancels).
+    stock_leaves = [t.detach().requires_grad_() for t in leaves]
+    it = iter(stock_leaves)
+    xs, ws, bs, rs = (next(it) if t is not None else None for t in (x, w, b, res))
+    stock_s, stock_y = reference(xs, ws, bs, eps, rs)
+    stock_grads = torch.autograd.grad([stock_s, stock_y] if fused else [stock_y], stock_leaves,
+                                      [grad_s, grad_y] if fused else [grad_y])
 
     y = outs[1]
     assert y.dtype == dtype and y.shape == x.shape
-    assert_close_to_reference(y, y64, stock_y, "y")
+    assert_close_to_reference(y, y64, None if dtype == torch.float32 else stock_y, "y")
     if fused:
         assert_close_to_reference(outs[0], s64, None if dtype == torch.float32 else (xs + rs), "x + residual")
     for i, (g, r) in enumerate(zip(grads, ref_grads)):

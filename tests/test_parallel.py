@@ -50,7 +50,6 @@ HEADS = {"p3": 6, "p2": 4}
 BATCH = {"p3": 2, "p2": 1}
 KERNELS = {"torch": torch_attention_with_lse, "triton": triton_attention_with_lse}
 METHODS = {"ring": ring_attention, "ulysses": ulysses_attention}
-MISMATCHES = ("dtype", "config", "no_views")
 
 
 def math_attention(q, k, v, scale):
@@ -79,7 +78,7 @@ def test_merge_partials_is_exact_over_key_shards():
         out, lse = merge_partials(out, lse, *part)
     assert out.dtype == lse.dtype == torch.float32
     assert out.shape == (b, length, h, d) and lse.shape == (b, h, length)
-    assert rel_error(out, ref_out) <= 1e-6
+    assert rel_error(out, ref_out) <= 5e-6  # fp32 partials and a few fp32 roundings per merge
     assert float((lse.double() - ref_lse).abs().max()) <= 1e-6 * float(ref_lse.abs().max())
     assert all(torch.equal(x, y) for x, y in zip(before, [t for pair in partials for t in pair]))
 
@@ -104,7 +103,7 @@ def test_torch_attention_with_lse_reads_packed_views(dtype, tol):
 
 
 def test_triton_attention_with_lse_has_the_same_contract():
-    q, k, v = torch.randn(3, 1, 70, 2, HEAD_DIM).unbind(0)
+    q, k, v = torch.randn(3, 1, 70, 2, HEAD_DIM, device="cuda" if torch.cuda.is_available() else "cpu").unbind(0)
     out, lse = triton_attention_with_lse(q, k, v, SCALE)
     ref_out, ref_lse = math_attention(q.double(), k.double(), v.double(), SCALE)
     assert out.shape == q.shape and lse.shape == (1, 2, 70) and lse.dtype == torch.float32
@@ -215,6 +214,7 @@ def _world(rank: int, world: int, out_dir: str, seed: int) -> None:
     _mismatch_cases(results, rank)
     _refusal_cases(results, rank)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -278,8 +278,10 @@ def world(tmp_path_factory):
     """Spawn the gloo world once; -> (seed, per-rank results). Fails (never hangs) past JOIN_TIMEOUT_S."""
     out_dir = tmp_path_factory.mktemp("gloo")
     seed = int.from_bytes(os.urandom(4), "little") % 2**31
-    context = mp.start_processes(_world, args=(WORLD, str(out_dir), seed), nprocs=WORLD, join=False,
-                                 start_method="spawn")
+    with pytest.MonkeyPatch.context() as env:  # the workers run Triton on CPU tensors, also on a GPU machine
+        env.setenv("TRITON_INTERPRET", "1")
+        context = mp.start_processes(_world, args=(WORLD, str(out_dir), seed), nprocs=WORLD, join=False,
+                                     start_method="spawn")
     deadline = time.monotonic() + JOIN_TIMEOUT_S
     while not context.join(timeout=max(1.0, deadline - time.monotonic())):
         if time.monotonic() >= deadline:
