@@ -335,7 +335,8 @@ def main() -> None:
         dist.destroy_process_group()
         if int(os.environ["RANK"]) != 0:
             return
-    suffix = f"_p{doc['gpus']}" if doc.get("gpus", 1) > 1 else ""
+    counts = sorted({r.get("gpus", 1) for r in doc["records"]})
+    suffix = f"_gpus{'-'.join(map(str, counts))}" if len(counts) > 1 else f"_p{counts[0]}" if counts[0] > 1 else ""
     name = f"scale_views_{'cpu' if doc['gpu'] == 'cpu' else gpu_name(doc['gpu'])}_{doc['size']}{suffix}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{name}.json").write_text(json.dumps(doc, indent=1))
