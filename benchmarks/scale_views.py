@@ -108,7 +108,7 @@ def build_model(backend: str, checkpoint: str | None, device: str) -> Fast3R:
 class Scene:
     """This process's views of the scene and how to call the model on them (one GPU, or a torchrun rank)."""
 
-    def __init__(self, views: int, hw: tuple[int, int], device: str, outputs_to_cpu: bool):
+    def __init__(self, views: int, hw: tuple[int, int], device: str, outputs_to_cpu: bool, context_parallel: str):
         generator = torch.Generator().manual_seed(views)  # the same scene on every rank
         images = torch.randint(0, 256, (views, 3, *hw), dtype=torch.uint8, generator=generator)
         self.group = dist.group.WORLD if dist.is_initialized() else None
@@ -117,7 +117,7 @@ class Scene:
         self.images = images.to(device)
         self.kwargs = {"output_device": "cpu"} if outputs_to_cpu else {}
         if self.group is not None:
-            self.kwargs["process_group"] = self.group
+            self.kwargs.update(process_group=self.group, context_parallel=context_parallel)
 
     def forward(self, model: Fast3R, graph: bool) -> list:
         return model(self.images, cuda_graph=True) if graph else model(self.images, **self.kwargs)
@@ -207,7 +207,8 @@ def run(args: argparse.Namespace) -> dict:
     doc = {"gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
            "gpus": _world(), "size": args.size, "image_hw": SIZES[args.size],
            "preset": "large" if device == "cuda" else "tiny", "dtype": "bfloat16" if device == "cuda" else "float32",
-           "checkpoint": args.checkpoint, "outputs_to_cpu": args.outputs_to_cpu, "records": []}
+           "checkpoint": args.checkpoint, "outputs_to_cpu": args.outputs_to_cpu,
+           "context_parallel": args.context_parallel if _world() > 1 else None, "records": []}
     for backend in backends:
         graph = backend.endswith("+graph")
         model = build_model(backend, args.checkpoint, device)
@@ -221,7 +222,7 @@ def run(args: argparse.Namespace) -> dict:
             record = {"views": n, "size": args.size, "backend": backend, "gpus": _world(), "oom": False}
             single = n >= args.single_run_above
             try:
-                scene = Scene(n, SIZES[args.size], device, args.outputs_to_cpu)
+                scene = Scene(n, SIZES[args.size], device, args.outputs_to_cpu, args.context_parallel)
                 record.update(measure_point(model, timer, scene, 1 if single else args.repeats, not single, device,
                                             graph))
             except torch.cuda.OutOfMemoryError as err:
@@ -321,6 +322,8 @@ def main() -> None:
     parser.add_argument("--official", type=Path, metavar="PEERS_DIR",
                         help="a copy of shared/peers: time the official model at the same points (bf16 weights)")
     parser.add_argument("--outputs-to-cpu", action="store_true", help="move each view's outputs to the CPU as produced")
+    parser.add_argument("--context-parallel", choices=["auto", "ulysses", "ring"], default="auto",
+                        help="how the fusion attention spans the ranks under torchrun")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.views < 1 or any(p < 1 for p in args.points or ()):

@@ -59,7 +59,7 @@ class Fast3R(nn.Module):
         encoder_chunk: int | None = None,
         head_chunk: int | None = None,
         process_group: dist.ProcessGroup | None = None,
-        context_parallel: str = "ring",
+        context_parallel: str = "auto",
         output_device: torch.device | str | None = None,
         cuda_graph: bool = False,
     ) -> list[dict[str, torch.Tensor]]:
@@ -79,8 +79,10 @@ class Fast3R(nn.Module):
             the single-process forward of the whole scene. View ids are global (rank 0's
             first view is view 0, the reference frame); an explicit ``image_ids`` tensor
             holds the whole scene's ids. Inference only.
-        context_parallel: how the fusion attention crosses ranks: "ring" (K/V blocks passed
-            around, overlapped with compute) or "ulysses" (all-to-all over heads).
+        context_parallel: how the fusion attention crosses ranks: "ulysses" (all-to-all over
+            heads; needs heads % ranks == 0), "ring" (K/V blocks passed around, overlapped with
+            compute; any rank count), or "auto": ulysses where it applies, else ring (measured
+            fastest, benchmarks/NOTES.md).
         output_device: move each view's outputs there as its head chunk finishes (e.g.
             "cpu", so thousands of fp32 pointmaps do not stay on the GPU).
         cuda_graph: capture the forward once per input shape and replay it (inference on a
@@ -109,8 +111,10 @@ class Fast3R(nn.Module):
 
     def _context_parallel(self, group: dist.ProcessGroup, method: str, sizes: list[int]):
         """-> (attention across ranks, global index of this rank's first view, views in the scene)."""
+        if method == "auto":
+            method = "ulysses" if self.config.fusion_heads % dist.get_world_size(group) == 0 else "ring"
         if method not in SHARDED_ATTENTION:
-            raise ValueError(f"context_parallel={method!r}; choose one of {sorted(SHARDED_ATTENTION)}")
+            raise ValueError(f"context_parallel={method!r}; choose 'auto' or one of {sorted(SHARDED_ATTENTION)}")
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
             raise parallel.InferenceOnlyError("context parallelism (process_group=...) is for inference: run it "
                                               "under torch.inference_mode() or torch.no_grad()")

@@ -284,7 +284,7 @@ def test_scale_views_records_the_checkpoint_preset_and_dtype(tmp_path):
     scale_views.CPU_VIEWS = (1,)
     args = argparse.Namespace(checkpoint=str(tmp_path / "ckpt"), size="224", backend=["torch"], repeats=1,
                               single_run_above=10**9, points=None, views=1, cuda_graph_max_views=0,
-                              official=None, outputs_to_cpu=False)
+                              official=None, outputs_to_cpu=False, context_parallel="auto")
     doc = scale_views.run(args)
     assert (doc["preset"], doc["dtype"]) == ("custom", "float32")
     assert doc["records"][0]["seconds"] > 0

@@ -33,6 +33,8 @@ SCENARIOS = {
                              "sequential"),
     "ulysses_5_as_2+3": ((0, 1), [(32, 48)] * 5, (2, 3), "ulysses", "sequential"),
     "random_ids_seeded": ((1, 2), [(32, 48)] * 6, (4, 2), "ring", "random"),
+    "auto_ulysses_2_ranks": ((0, 2), [(48, 32)] * 4, (1, 3), "auto", "sequential"),  # 2 heads % 2 ranks == 0
+    "auto_ring_3_ranks": ((0, 1, 2), [(32, 48)] * 6, (2, 2, 2), "auto", "sequential"),  # 2 heads % 3 != 0
 }
 
 
