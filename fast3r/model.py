@@ -102,14 +102,15 @@ class Fast3R(nn.Module):
         offsets = [0, *itertools.accumulate(sizes)]
         attend, first_view, num_views = None, 0, len(views)
         if process_group is not None:
-            attend, first_view, num_views = self._context_parallel(process_group, context_parallel, sizes)
+            attend, first_view, num_views = self._context_parallel(process_group, context_parallel, sizes,
+                                                                   views[0].shape[0])
         ids = self._image_ids(image_ids, seed, views[0].shape[0], num_views)[:, first_view : first_view + len(views)]
         tokens = self._encode(views, grids, offsets, encoder_chunk)
         hooks = self.decoder(tokens, sizes, _to_device(ids, tokens.device), attend)
         del tokens  # hooks[0] holds it; nothing else may
         return self._predict(hooks, grids, offsets, batched, head_chunk, output_device)
 
-    def _context_parallel(self, group: dist.ProcessGroup, method: str, sizes: list[int]):
+    def _context_parallel(self, group: dist.ProcessGroup, method: str, sizes: list[int], batch: int):
         """-> (attention across ranks, global index of this rank's first view, views in the scene)."""
         if method == "auto":
             method = "ulysses" if self.config.fusion_heads % dist.get_world_size(group) == 0 else "ring"
@@ -119,7 +120,8 @@ class Fast3R(nn.Module):
             raise parallel.InferenceOnlyError("context parallelism (process_group=...) is for inference: run it "
                                               "under torch.inference_mode() or torch.no_grad()")
         layout = parallel.gather_layout(group, sizes, self._dtype(),
-                                        parallel.fingerprint(self.config, self.backend, self.training))
+                                        # the ring's buffers assume one batch size on every rank
+                                        parallel.fingerprint(self.config, self.backend, self.training, batch))
         attend = functools.partial(SHARDED_ATTENTION[method], group=group,
                                    local_attention=self.ops.attention_with_lse, shard_lengths=layout.shard_lengths)
         return (lambda q, k, v, scale: attend(q, k, v, scale=scale)), layout.view_offset, layout.num_views

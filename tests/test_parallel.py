@@ -362,11 +362,7 @@ def test_benchmark_smoke_run_on_two_gloo_processes(tmp_path):
         for name in ("ring_torch", "ulysses_torch"):
             result = record["methods"][name]
             assert result["seconds"] > 0 and result["rel_error"] <= 1e-5 and result["speedup_vs_1gpu"] > 0, result
-        if record["tokens"] % 2:  # context_parallel shards evenly only
-            assert "divisible" in record["methods"]["context_parallel_torch"]["skipped"]
-        else:
-            for rotate in ("allgather", "alltoall"):
-                assert record["methods"][f"context_parallel_torch_{rotate}"]["rel_error"] <= 1e-5
+        assert "CUDA only" in record["methods"]["context_parallel_torch"]["skipped"]
         step = record["step"]
         assert min(step["compute_torch_s"], step["merge_s"], step["kv_transfer_s"], step["alltoall_qkv_s"]) > 0
         assert step["kv_bytes"] == 2 * record["shard_lengths"][0] * doc["heads"] * doc["head_dim"] * 4
