@@ -92,11 +92,26 @@ def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2)
 
 
-def torch_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    from .parallel import torch_attention_with_lse as with_lse
+def torch_attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch's fused attention with its row log-sum-exp: BLHD in, (out (B, L, H, D), lse (B, H, L) fp32) out.
 
-    return with_lse(q, k, v, scale)
+    CUDA: cuDNN attention for fp16/bf16, the memory-efficient kernel for fp32 (cuDNN has no
+    fp32 attention); CPU: the flash kernel for CPU (fp32 accumulation, bounded tiles). All three
+    read BLHD views (also strided views of a packed qkv) in place via a transpose to BHLD.
+    """
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    length = q.shape[1]
+    if q.device.type == "cuda":
+        if q.dtype in (torch.float16, torch.bfloat16):
+            out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, True, scale=scale)[:2]
+        else:
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True, scale=scale)[:2]
+        # cuDNN returns lse as (B, H, L, 1); the efficient kernel pads L to a multiple of 32.
+        return out.transpose(1, 2), lse.flatten(2)[..., :length].float()
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt, scale=scale)
+    return out.transpose(1, 2), lse.float()
 
 
 def torch_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .backends import TORCH, TRITON
+
 LocalAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
 PREPROCESS_SIZES = (224, 512)  # fast3r.images.load_images sizes
 
@@ -89,35 +91,10 @@ def _merge_into(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b
 
 
 # ---------------------------------------------------------------- local kernels
-def torch_attention_with_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """PyTorch's fused attention with its row log-sum-exp: BLHD in, (out (B, L, H, D), lse (B, H, L) fp32) out.
-
-    CUDA: cuDNN attention for fp16/bf16, the memory-efficient kernel for fp32 (cuDNN has no
-    fp32 attention); CPU: the flash kernel for CPU (fp32 accumulation, bounded tiles). All three
-    read BLHD views (also strided views of a packed qkv) in place via a transpose to BHLD.
-    """
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    length = q.shape[1]
-    if q.device.type == "cuda":
-        if q.dtype in (torch.float16, torch.bfloat16):
-            out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, True, scale=scale)[:2]
-        else:
-            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True, scale=scale)[:2]
-        # cuDNN returns lse as (B, H, L, 1); the efficient kernel pads L to a multiple of 32.
-        return out.transpose(1, 2), lse.flatten(2)[..., :length].float()
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt, scale=scale)
-    return out.transpose(1, 2), lse.float()
-
-
-def triton_attention_with_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """fast3r_kernels' fused attention with its row log-sum-exp; same contract as ``torch_attention_with_lse``."""
-    from fast3r_kernels import attention
-
-    return attention(q, k, v, scale=scale, layout="BLHD", return_lse=True)
+# The backends' attention with its log-sum-exp (fast3r.backends owns them), under the names the ring and
+# Ulysses take as ``local_attention``.
+torch_attention_with_lse = TORCH.attention_with_lse
+triton_attention_with_lse = TRITON.attention_with_lse
 
 
 # ------------------------------------------------------------ sharded attention
