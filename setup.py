@@ -3,6 +3,8 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 RECONSTRUCT = ["opencv-python-headless", "trimesh", "pycolmap", "av", "tqdm"]
+VIEW = ["viser"]  # `fast3r view`: the browser viewer
+TRAIN = ["tensorboard", "tqdm"]  # `fast3r train`: TensorBoard event files (optional) and progress bars
 
 setup(
     name="fast3r-kernels",
@@ -34,7 +36,9 @@ setup(
         "reconstruct": RECONSTRUCT,
         # numpy<2.4: Triton 3.6's interpreter (TRITON_INTERPRET=1, how the CPU tests run the kernels) breaks
         # on numpy 2.4 (triton-lang/triton#9171; Triton 3.7 is fixed). CI tests on 3.6, the GPU machine's Triton.
-        "dev": ["pytest", "pytest-benchmark", "ruff==0.17.6", "numpy<2.4", *RECONSTRUCT],
+        "view": VIEW,
+        "train": TRAIN,
+        "dev": ["pytest", "pytest-benchmark", "ruff==0.17.6", "numpy<2.4", *RECONSTRUCT, *VIEW, *TRAIN],
         "hub": ["huggingface_hub"],
     },
     entry_points={"console_scripts": ["fast3r = fast3r.cli:main"]},

@@ -1,0 +1,1 @@
+"""Fine-tuning Fast3R: configs, training data, the training loop."""
