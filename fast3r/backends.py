@@ -22,10 +22,12 @@ from fast3r_kernels import attention as triton_attention
 from fast3r_kernels import layer_norm as triton_layer_norm
 from fast3r_kernels import patch_embed as triton_patch_embed
 from fast3r_kernels import tuning
+from fast3r_kernels import upsample_bilinear as triton_upsample
 from fast3r_kernels._config import device_guard, interpreting
-from fast3r_kernels.attention import HEAD_DIMS, ROPE_HEAD_DIMS, attention_forward, rope_tables
+from fast3r_kernels.attention import HEAD_DIMS, ROPE_HEAD_DIMS, attention_forward, rope_rotate, rope_tables
 from fast3r_kernels.layernorm import layer_norm_forward
 from fast3r_kernels.patch_embed import normalize_uint8, patch_embed_forward
+from fast3r_kernels.upsample import upsample_forward
 
 BACKENDS = ("torch", "triton")
 
@@ -48,6 +50,7 @@ class Ops:
     attention_with_lse: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     layer_norm: Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
     patch_embed: Callable[..., torch.Tensor]
+    upsample: Callable[..., torch.Tensor]
 
     def check_attention(self, head_dim: int, rope: bool) -> None:
         """Refuse, when the model is built, a head dim this backend cannot run."""
@@ -69,19 +72,9 @@ def get_ops(backend: str) -> Ops:
 
 # ----------------------------------------------------------------------------- torch
 def rotate_rope(t: torch.Tensor, rope: Rope) -> torch.Tensor:
-    """RoPE-2D on (B, H, L, D): the first half of each head rotates by y, the second by x (rotate-half, fp32)."""
-    cos_q, sin_q = rope_tables(rope.num_pos, t.shape[-1], rope.base, t.device)
-    cos, sin = torch.cat([cos_q, cos_q], dim=-1), torch.cat([sin_q, sin_q], dim=-1)
-    y, x = t.float().chunk(2, dim=-1)
-    pos_y, pos_x = rope.positions[..., 0], rope.positions[..., 1]
-    y = _rotate_half(y, cos[pos_y], sin[pos_y])
-    x = _rotate_half(x, cos[pos_x], sin[pos_x])
-    return torch.cat([y, x], dim=-1).to(t.dtype)
-
-
-def _rotate_half(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    first, second = t.chunk(2, dim=-1)
-    return t * cos[:, None] + torch.cat([-second, first], dim=-1) * sin[:, None]
+    """RoPE-2D on (B, H, L, D) with the kernels' own tables and rotation (fp32), back in t's dtype."""
+    cos, sin = rope_tables(rope.num_pos, t.shape[-1], rope.base, t.device)
+    return rope_rotate(t, rope.positions, cos, sin).to(t.dtype)
 
 
 def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -131,7 +124,12 @@ def torch_patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return x.flatten(2).transpose(1, 2).contiguous()
 
 
-TORCH = Ops("torch", torch_attention, torch_attention_with_lse, torch_layer_norm, torch_patch_embed)
+def torch_upsample(x: torch.Tensor, scale_factor: float) -> torch.Tensor:
+    """(N, C, H, W) -> bilinear, aligned corners (DPT's), ``floor(H * scale_factor)`` x ``floor(W * scale_factor)``."""
+    return F.interpolate(x, scale_factor=scale_factor, mode="bilinear", align_corners=True)
+
+
+TORCH = Ops("torch", torch_attention, torch_attention_with_lse, torch_layer_norm, torch_patch_embed, torch_upsample)
 
 
 # ---------------------------------------------------------------------------- triton
@@ -141,8 +139,10 @@ def _on_kernel_device(t: torch.Tensor) -> bool:
 
 
 def _inference(*tensors: torch.Tensor) -> bool:
-    """No autograd and no autocast: the layers may call the launchers directly (their inputs are well-formed)."""
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) \
+    """Eager, no autograd and no autocast: the layers may call the launchers directly (their inputs are
+    well-formed), skipping the custom op's dispatch. torch.compile and export always see the ops."""
+    return not torch.compiler.is_compiling() \
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) \
         and not torch.is_autocast_enabled(tensors[0].device.type)
 
 
@@ -197,4 +197,13 @@ def fused_patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return triton_patch_embed(images, weight, bias, patch_size)
 
 
-TRITON = Ops("triton", fused_attention, fused_attention_with_lse, fused_layer_norm, fused_patch_embed)
+def fused_upsample(x: torch.Tensor, scale_factor: float) -> torch.Tensor:
+    if not _on_kernel_device(x):
+        return torch_upsample(x, scale_factor)
+    if _inference(x) and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        with device_guard(x.device):
+            return upsample_forward(x, (int(x.shape[-2] * scale_factor), int(x.shape[-1] * scale_factor)))
+    return triton_upsample(x, scale_factor)
+
+
+TRITON = Ops("triton", fused_attention, fused_attention_with_lse, fused_layer_norm, fused_patch_embed, fused_upsample)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .backends import Ops
 from .config import Fast3RConfig
 
 
@@ -27,22 +28,34 @@ class ResidualConvUnit(nn.Module):
 class FeatureFusionBlock(nn.Module):
     """Refine the coarser path (plus a skip connection), upsample x2, project."""
 
-    def __init__(self, features: int):
+    def __init__(self, features: int, ops: Ops):
         super().__init__()
         self.out_conv = nn.Conv2d(features, features, 1)
         self.resConfUnit1 = ResidualConvUnit(features)
         self.resConfUnit2 = ResidualConvUnit(features)
+        self.upsample = Upsample(2, ops)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         if skip is not None:
             x = x + self.resConfUnit1(skip)
-        x = self.resConfUnit2(x)
-        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
-        return self.out_conv(x)
+        return self.out_conv(self.upsample(self.resConfUnit2(x)))
+
+
+class Upsample(nn.Module):
+    """Bilinear upsampling with aligned corners (DPT's), on the backend's op; no parameters."""
+
+    def __init__(self, scale_factor: float, ops: Ops):
+        super().__init__()
+        self.scale_factor = scale_factor
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.upsample(x, self.scale_factor)
 
 
 class DPT(nn.Module):
-    def __init__(self, token_dims: tuple[int, ...], layer_dims: tuple[int, ...], features: int, patch_size: int):
+    def __init__(self, token_dims: tuple[int, ...], layer_dims: tuple[int, ...], features: int, patch_size: int,
+                 ops: Ops):
         super().__init__()
         self.act_postprocess = nn.ModuleList([
             # Reassemble the 1/16 token grid at 1/4, 1/8, 1/16 and 1/32 of the image.
@@ -57,11 +70,11 @@ class DPT(nn.Module):
         # The official checkpoint lists these convs twice: as layerN_rn and as layer_rn.N-1.
         scratch.layer_rn = nn.ModuleList(getattr(scratch, f"layer{i}_rn") for i in range(1, 5))
         for i in range(1, 5):
-            setattr(scratch, f"refinenet{i}", FeatureFusionBlock(features))
+            setattr(scratch, f"refinenet{i}", FeatureFusionBlock(features, ops))
         self.scratch = scratch
         self.head = nn.Sequential(
             nn.Conv2d(features, features // 2, 3, padding=1),
-            nn.Upsample(scale_factor=patch_size / 8, mode="bilinear", align_corners=True),
+            Upsample(patch_size / 8, ops),
             nn.Conv2d(features // 2, features // 2, 3, padding=1),
             nn.ReLU(),
             nn.Conv2d(features // 2, 4, 1),
@@ -81,10 +94,10 @@ class DPT(nn.Module):
 class DPTHead(nn.Module):
     """One pointmap head: DPT, then the activations that turn raw channels into points and confidence."""
 
-    def __init__(self, cfg: Fast3RConfig):
+    def __init__(self, cfg: Fast3RConfig, ops: Ops):
         super().__init__()
         token_dims = (cfg.enc_dim, cfg.fusion_dim, cfg.fusion_dim, cfg.fusion_dim)
-        self.dpt = DPT(token_dims, cfg.head_layer_dims, cfg.head_feature_dim, cfg.patch_size)
+        self.dpt = DPT(token_dims, cfg.head_layer_dims, cfg.head_feature_dim, cfg.patch_size, ops)
 
     def forward(self, layers: list[torch.Tensor], grid_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> points (B, H, W, 3) and confidence (B, H, W), both fp32."""

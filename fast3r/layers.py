@@ -24,8 +24,15 @@ FUSION_TEMPERATURE = math.sqrt(math.log(INFERENCE_VIEWS) / math.log(TRAIN_VIEWS)
 MLP_TOKEN_CHUNK = 65536  # tokens per MLP pass in inference: 512 MiB of bf16 hidden activations at width 4096
 
 
-@functools.lru_cache(maxsize=64)
 def _positions(grid_h: int, grid_w: int, device: torch.device) -> torch.Tensor:
+    """RoPE positions of a patch grid: cached in eager; computed in the graph under torch.compile."""
+    if torch.compiler.is_compiling():
+        return patch_positions(grid_h, grid_w, device)
+    return _cached_positions(grid_h, grid_w, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_positions(grid_h: int, grid_w: int, device: torch.device) -> torch.Tensor:
     with torch.inference_mode(False):  # cached, so it must also serve a later training step
         return patch_positions(grid_h, grid_w, device)
 

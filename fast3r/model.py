@@ -46,8 +46,8 @@ class Fast3R(nn.Module):
         self.ops = ops = get_ops(backend)
         self.encoder = Encoder(self.config, ops)
         self.decoder = FusionTransformer(self.config, ops)
-        self.downstream_head = DPTHead(self.config)
-        self.downstream_head_local = DPTHead(self.config) if self.config.with_local_head else None
+        self.downstream_head = DPTHead(self.config, ops)
+        self.downstream_head_local = DPTHead(self.config, ops) if self.config.with_local_head else None
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -206,6 +206,26 @@ class Fast3R(nn.Module):
             return sample_image_indices(batch, num_views, generator)
         raise ValueError(f"image_ids={image_ids!r}; use 'sequential', 'random', 'auto' or a tensor of indices")
 
+    # ------------------------------------------------------------------ compile
+    def compile(self, *, mode: str | None = None, dynamic: bool | None = None, fullgraph: bool = True,
+                **options) -> Fast3R:
+        """Compile each encoder block, fusion block and head with ``torch.compile`` (regional compilation).
+
+        The blocks repeat, so one compiled graph serves all 24 of a kind: compile time is that of
+        three small graphs, not of the whole unrolled forward. The first scene compiles them for its
+        shapes; a scene of another view count recompiles them once with symbolic token and view
+        dimensions (torch.compile's automatic dynamic shapes), and no view count after that does;
+        ``dynamic=True`` starts symbolic. The per-view bookkeeping between them stays eager Python. ``mode="reduce-overhead"`` replays
+        each compiled region as a CUDA graph. Returns the model (compiled in place), so
+        ``Fast3R(...).compile()`` chains. ``torch.compile(model)`` works too; it traces the whole
+        forward, and then recompiles for every new view count (the output is a list of N dicts).
+        """
+        blocks = [*self.encoder.enc_blocks, *self.decoder.dec_blocks]
+        heads = [h.dpt for h in (self.downstream_head, self.downstream_head_local) if h is not None]
+        for module in (*blocks, *heads):
+            module.compile(mode=mode, dynamic=dynamic, fullgraph=fullgraph, **options)
+        return self
+
     # --------------------------------------------------------------- checkpoints
     @classmethod
     def from_pretrained(
@@ -278,8 +298,11 @@ def _as_views(images: Images, patch: int) -> tuple[list[torch.Tensor], bool]:
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy a small host tensor to ``device`` without waiting for the GPU (pinned, asynchronous)."""
-    if device.type == "cuda" and t.device.type == "cpu":
+    """Copy a small host tensor to ``device`` without waiting for the GPU (pinned, asynchronous).
+
+    Under torch.compile / export a plain copy: the graph owns its host-to-device transfers.
+    """
+    if device.type == "cuda" and t.device.type == "cpu" and not torch.compiler.is_compiling():
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 

@@ -30,8 +30,8 @@ def describe_views(indices: Sequence[int], verb: str) -> str:
 
 
 def capturing(tensor: torch.Tensor) -> bool:
-    """Whether a CUDA graph is being captured on the current stream (no synchronization allowed then)."""
-    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+    """Whether a CUDA graph is being captured, or torch.compile / export trace: no synchronization allowed then."""
+    return torch.compiler.is_compiling() or (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 # --------------------------------------------------------------------------------------------- images

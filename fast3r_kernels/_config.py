@@ -7,10 +7,14 @@ import contextlib
 import torch
 import triton
 import triton.language as tl
+from torch._library.triton import set_wrap_triton_enabled
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
+@torch.compiler.assume_constant_result  # read once per compile: Dynamo cannot trace Triton's knob lookup
 def interpreting() -> bool:
     """True under TRITON_INTERPRET=1: kernels then run (slowly) on CPU tensors, for testing."""
     return bool(triton.knobs.runtime.interpret)
@@ -79,3 +83,28 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
+
+
+def traced(t: torch.Tensor) -> bool:
+    """True for the fake / functional tensors torch.compile and torch.export trace the ops with."""
+    return isinstance(t, (FakeTensor, FunctionalTensor))
+
+
+def runs_kernels(t: torch.Tensor) -> bool:
+    """Whether an op launches the kernels for t: on CUDA, and on real CPU tensors under TRITON_INTERPRET.
+
+    On the CPU a traced tensor takes the op's PyTorch reference instead, so ``torch.compile``
+    compiles the ops on a CPU too (Inductor cannot launch Triton kernels there).
+    """
+    return t.is_cuda or (interpreting() and not traced(t))
+
+
+def launching(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Context of a launcher's ``wrap_triton(kernel)[grid](...)`` calls.
+
+    Traced (inside torch.compile / export), ``wrap_triton`` records each launch in the graph;
+    on real tensors the kernels launch directly (wrap_triton's dispatch would add ~0.1-1 ms
+    of host time per launch, which small scenes cannot afford), also when a launcher is
+    called outside the op (the layers' inference path, benchmarks).
+    """
+    return contextlib.nullcontext() if traced(t) else set_wrap_triton_enabled(False)

@@ -31,10 +31,21 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import tuning
-from ._config import autocast_dtype, cast, check_device, check_float, device_guard, mma, precision
+from ._config import (
+    autocast_dtype,
+    cast,
+    check_device,
+    check_float,
+    device_guard,
+    launching,
+    mma,
+    precision,
+    runs_kernels,
+)
 
 HEAD_DIMS = (32, 64, 128)
 # RoPE rotates quarters of the head: at D=32 a quarter-width product has K=8, below the
@@ -42,6 +53,8 @@ HEAD_DIMS = (32, 64, 128)
 ROPE_HEAD_DIMS = (64, 128)
 LAYOUTS = ("BLHD", "BHLD")
 LOG2E = 1.4426950408889634
+# RoPE table rows when positions are not given a bound and cannot be read (torch.compile): a 65,536-pixel side.
+TRACED_ROPE_POSITIONS = 4096
 
 
 # ----------------------------------------------------------------- tile access
@@ -322,28 +335,38 @@ def rope_tables(n_pos: int, head_dim: int, base: float, device: torch.device | s
     """fp32 cos/sin tables (n_pos, head_dim/4): angle pos * base^(-2i / (head_dim/2)), i < head_dim/4.
 
     The one definition of RoPE-2D's angles: the kernels read these tables and the PyTorch
-    reference (``fast3r.layers.RoPE2D``) rotates with the same values. Cached per size and
-    device; built outside inference mode, so a table first made under
-    ``torch.inference_mode()`` can still be saved for a later backward.
+    reference (``rope_rotate``) rotates with the same values. Eager: cached per size and
+    device, built outside inference mode, so a table first made under
+    ``torch.inference_mode()`` can still be saved for a later backward. Under torch.compile
+    they are computed in the graph (a few tiny ops Inductor folds), not read from a cache.
     """
-    return _rope_tables(int(n_pos), int(head_dim), float(base), torch.device(device))
+    if torch.compiler.is_compiling():
+        return _rope_angles(int(n_pos), int(head_dim), float(base), torch.device(device))
+    return _cached_rope_tables(int(n_pos), int(head_dim), float(base), torch.device(device))
 
 
 @functools.lru_cache(maxsize=32)
-def _rope_tables(n_pos: int, head_dim: int, base: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    half = head_dim // 2
+def _cached_rope_tables(n_pos: int, head_dim: int, base: float, device: torch.device) -> tuple[torch.Tensor, ...]:
     with torch.inference_mode(False), torch.no_grad():
-        inv_freq = 1.0 / (base ** (torch.arange(0, half, 2, device=device).float() / half))
-        angles = torch.outer(torch.arange(n_pos, device=device, dtype=torch.float32), inv_freq)
-        return angles.cos().contiguous(), angles.sin().contiguous()
+        return _rope_angles(n_pos, head_dim, base, device)
+
+
+def _rope_angles(n_pos: int, head_dim: int, base: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    half = head_dim // 2
+    inv_freq = 1.0 / (base ** (torch.arange(0, half, 2, device=device).float() / half))
+    angles = torch.outer(torch.arange(n_pos, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos().contiguous(), angles.sin().contiguous()
 
 
 def _rope_inputs(pos: torch.Tensor, head_dim: int, base: float, n_pos: int | None):
     """(positions, cos, sin) for the kernels.
 
     With ``n_pos`` known on the host (the patch grid) there is no device sync; positions are
-    clamped to the table inside the kernel. Without it, pos.min/max are read (one sync).
+    clamped to the table inside the kernel. Without it, pos.min/max are read (one sync) in
+    eager; under torch.compile, which cannot read them, the table covers TRACED_ROPE_POSITIONS.
     """
+    if n_pos is None and torch.compiler.is_compiling():
+        n_pos = TRACED_ROPE_POSITIONS
     if n_pos is None:
         lowest, highest = (int(v) for v in pos.aminmax())
         if lowest < 0:
@@ -353,22 +376,26 @@ def _rope_inputs(pos: torch.Tensor, head_dim: int, base: float, n_pos: int | Non
 
 
 def _tma_ready(t: torch.Tensor) -> torch.Tensor:
-    """t itself if TMA can address it (unit last stride, 16-byte aligned base and other strides), else a copy.
+    """t itself if TMA can address it (unit last stride, 16-byte aligned offset and strides), else a copy.
 
     The descriptors assume a unit last stride: an incoming gradient with any other (an
     expanded or transposed dO) must be copied, or its elements would be read as if packed.
+    Alignment is read from the storage offset (allocations are 512-byte aligned), so the
+    check also runs on the fake tensors ``torch.compile`` traces with.
     """
-    aligned = (t.stride(-1) == 1 or t.shape[-1] == 1) and t.data_ptr() % 16 == 0 and all(
-        s > 0 and (s * t.element_size()) % 16 == 0 for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
+    size = t.element_size()
+    aligned = t.stride(-1) == 1 and (t.storage_offset() * size) % 16 == 0 and all(
+        s > 0 and (s * size) % 16 == 0 for s in t.stride()[:-1])
     return t if aligned else t.contiguous()
 
 
 def _descriptor(t: torch.Tensor, layout: str, rows: int, cols: int) -> TensorDescriptor:
-    """Rank-4 descriptor over t's own layout, loading (rows tokens x cols features) of one head."""
-    # A size-1 dimension is only ever indexed at 0: give it any TMA-legal stride.
-    strides = [s if n > 1 else t.shape[-1] for s, n in zip(t.stride()[:-1], t.shape[:-1])] + [1]
-    block = [1, rows, 1, cols] if layout == "BLHD" else [1, 1, rows, cols]
-    return TensorDescriptor(t, list(t.shape), strides, block)
+    """Rank-4 descriptor over t's own layout, loading (rows tokens x cols features) of one head.
+
+    Built by ``from_tensor`` (t's own shape and strides), the one form ``torch.compile`` can
+    rebuild at launch from the tensor it passes.
+    """
+    return TensorDescriptor.from_tensor(t, [1, rows, 1, cols] if layout == "BLHD" else [1, 1, rows, cols])
 
 
 def _quarter_descriptor(t: torch.Tensor, layout: str, rows: int, rope) -> TensorDescriptor | None:
@@ -400,14 +427,15 @@ def attention_forward(q, k, v, scale: float, layout: str, rope=None, return_lse:
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((b, h, l_q), dtype=torch.float32, device=q.device) if return_lse else None
     m_tiles = triton.cdiv(l_q, bm)
-    _attn_fwd[(b * h * m_tiles,)](
-        _descriptor(q, layout, bm, d), _descriptor(k, layout, bn, d), _descriptor(v, layout, bn, d),
-        _descriptor(out, layout, bm, d), _quarter_descriptor(q, layout, bm, rope),
-        _quarter_descriptor(k, layout, bn, rope), lse, *_rope_args(rope),
-        h, l_q, l_k, m_tiles, scale * LOG2E,
-        HEAD_DIM=d, BHLD=layout == "BHLD", ROPE=rope is not None, RETURN_LSE=return_lse,
-        PRECISION=precision(q.dtype), **cfg,
-    )
+    with launching(q):
+        wrap_triton(_attn_fwd)[(b * h * m_tiles,)](
+            _descriptor(q, layout, bm, d), _descriptor(k, layout, bn, d), _descriptor(v, layout, bn, d),
+            _descriptor(out, layout, bm, d), _quarter_descriptor(q, layout, bm, rope),
+            _quarter_descriptor(k, layout, bn, rope), lse, *_rope_args(rope),
+            h, l_q, l_k, m_tiles, scale * LOG2E,
+            HEAD_DIM=d, BHLD=layout == "BHLD", ROPE=rope is not None, RETURN_LSE=return_lse,
+            PRECISION=precision(q.dtype), **cfg,
+        )
     return out, lse
 
 
@@ -421,48 +449,127 @@ def attention_backward(do, q, k, v, out, lse, scale: float, layout: str, rope=No
     m_tiles, n_tiles = triton.cdiv(l_q, bm), triton.cdiv(l_k, bn)
     bhld = layout == "BHLD"
     delta = torch.empty((b, h, l_q), dtype=torch.float32, device=q.device)
-    _bwd_delta[(b * h * m_tiles,)](_descriptor(out, layout, bm, d), _descriptor(do, layout, bm, d), delta,
-                                   h, l_q, m_tiles, HEAD_DIM=d, BLOCK_M=bm, BHLD=bhld)
     dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
     common = {"HEAD_DIM": d, "BHLD": bhld, "ROPE": rope is not None, "PRECISION": precision(q.dtype), **cfg}
     rope_args = _rope_args(rope)
-    _attn_bwd_dkdv[(b * h * n_tiles,)](
-        _descriptor(q, layout, bm, d), _descriptor(k, layout, bn, d), _descriptor(v, layout, bn, d),
-        _descriptor(do, layout, bm, d), _descriptor(dk, layout, bn, d), _descriptor(dv, layout, bn, d),
-        _quarter_descriptor(q, layout, bm, rope), _quarter_descriptor(k, layout, bn, rope),
-        _quarter_descriptor(dk, layout, bn, rope),
-        lse, delta, *rope_args, h, l_q, l_k, n_tiles, scale * LOG2E, scale, **common,
-    )
-    _attn_bwd_dq[(b * h * m_tiles,)](
-        _descriptor(q, layout, bm, d), _descriptor(k, layout, bn, d), _descriptor(v, layout, bn, d),
-        _descriptor(do, layout, bm, d), _descriptor(dq, layout, bm, d),
-        _quarter_descriptor(q, layout, bm, rope), _quarter_descriptor(k, layout, bn, rope),
-        _quarter_descriptor(dq, layout, bm, rope),
-        lse, delta, *rope_args, h, l_q, l_k, m_tiles, scale * LOG2E, scale, **common,
-    )
+    with launching(q):
+        wrap_triton(_bwd_delta)[(b * h * m_tiles,)](_descriptor(out, layout, bm, d), _descriptor(do, layout, bm, d),
+                                                    delta, h, l_q, m_tiles, HEAD_DIM=d, BLOCK_M=bm, BHLD=bhld)
+        wrap_triton(_attn_bwd_dkdv)[(b * h * n_tiles,)](
+            _descriptor(q, layout, bm, d), _descriptor(k, layout, bn, d), _descriptor(v, layout, bn, d),
+            _descriptor(do, layout, bm, d), _descriptor(dk, layout, bn, d), _descriptor(dv, layout, bn, d),
+            _quarter_descriptor(q, layout, bm, rope), _quarter_descriptor(k, layout, bn, rope),
+            _quarter_descriptor(dk, layout, bn, rope),
+            lse, delta, *rope_args, h, l_q, l_k, n_tiles, scale * LOG2E, scale, **common,
+        )
+        wrap_triton(_attn_bwd_dq)[(b * h * m_tiles,)](
+            _descriptor(q, layout, bm, d), _descriptor(k, layout, bn, d), _descriptor(v, layout, bn, d),
+            _descriptor(do, layout, bm, d), _descriptor(dq, layout, bm, d),
+            _quarter_descriptor(q, layout, bm, rope), _quarter_descriptor(k, layout, bn, rope),
+            _quarter_descriptor(dq, layout, bm, rope),
+            lse, delta, *rope_args, h, l_q, l_k, m_tiles, scale * LOG2E, scale, **common,
+        )
     return dq, dk, dv
 
 
-class AttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, scale, layout, rope_pos, rope_base, rope_num_pos, return_lse):
-        with device_guard(q.device):
-            rope = _rope_inputs(rope_pos, q.shape[-1], rope_base, rope_num_pos) if rope_pos is not None else None
-            needs_lse = return_lse or any(ctx.needs_input_grad[:3])
-            out, lse = attention_forward(q, k, v, scale, layout, rope, needs_lse)
-        ctx.save_for_backward(q, k, v, out, lse, *(rope or ()))
-        ctx.scale, ctx.layout = scale, layout
-        if return_lse:
-            ctx.mark_non_differentiable(lse)
-            return out, lse
-        return out
+# ------------------------------------------------------------ reference (PyTorch)
+def rope_rotate(t: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                inverse: bool = False) -> torch.Tensor:
+    """RoPE-2D on (B, H, L, D) in fp32, the rotation the kernels apply (inverse: the gradient's).
 
-    @staticmethod
-    def backward(ctx, do, *_):
-        q, k, v, out, lse, *rope = ctx.saved_tensors
-        with device_guard(q.device):
-            dq, dk, dv = attention_backward(do, q, k, v, out, lse, ctx.scale, ctx.layout, tuple(rope) or None)
-        return dq, dk, dv, None, None, None, None, None, None
+    The first half of each head rotates by the token's y, the second by its x, each half by
+    the rotate-half convention; ``pos`` (B, L, 2) indexes the (n_pos, D/4) cos/sin tables.
+    """
+    sin = -sin if inverse else sin
+    y, x = t.float().chunk(2, dim=-1)
+    return torch.cat([_rotate_half(y, cos[pos[..., 0]], sin[pos[..., 0]]),
+                      _rotate_half(x, cos[pos[..., 1]], sin[pos[..., 1]])], dim=-1)
+
+
+def _rotate_half(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    cos, sin = torch.cat([cos, cos], dim=-1)[:, None], torch.cat([sin, sin], dim=-1)[:, None]
+    first, second = t.chunk(2, dim=-1)
+    return t * cos + torch.cat([-second, first], dim=-1) * sin
+
+
+def _bhld(t: torch.Tensor, layout: str) -> torch.Tensor:
+    return t.transpose(1, 2) if layout == "BLHD" else t
+
+
+def _reference_probabilities(q, k, scale, layout, rope):
+    """fp32 (B, H, L_Q, D) q and k (rotated with RoPE) and the softmax probabilities."""
+    q, k = _bhld(q, layout).float(), _bhld(k, layout).float()
+    if rope is not None:
+        q, k = rope_rotate(q, *rope), rope_rotate(k, *rope)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    lse = scores.logsumexp(-1)
+    return q, k, (scores - lse[..., None]).exp(), lse
+
+
+def reference_attention_forward(q, k, v, scale: float, layout: str, rope=None):
+    """What ``attention_forward`` computes (with the LSE), in fp32 PyTorch: the op's path on CPU tensors
+    when no kernel can run there (``torch.compile`` on a CPU). Materializes the L_Q x L_K scores."""
+    _, _, p, lse = _reference_probabilities(q, k, scale, layout, rope)
+    out = p @ _bhld(v, layout).float()
+    return _bhld(out, layout).to(q.dtype).contiguous(), lse
+
+
+def reference_attention_backward(do, q, k, v, out, lse, scale: float, layout: str, rope=None):
+    """What ``attention_backward`` computes, in fp32 PyTorch (dq, dk, dv in ``layout``, contiguous)."""
+    qr, kr, p, _ = _reference_probabilities(q, k, scale, layout, rope)
+    do32, v32, o32 = (_bhld(t, layout).float() for t in (do, v, out))
+    dv = p.transpose(-1, -2) @ do32
+    dp = do32 @ v32.transpose(-1, -2)
+    ds = p * (dp - (do32 * o32).sum(-1, keepdim=True))
+    dq, dk = (ds @ kr) * scale, (ds.transpose(-1, -2) @ qr) * scale
+    if rope is not None:
+        dq, dk = rope_rotate(dq, *rope, inverse=True), rope_rotate(dk, *rope, inverse=True)
+    return tuple(_bhld(g, layout).to(t.dtype).contiguous() for g, t in ((dq, q), (dk, k), (dv, v)))
+
+
+# ------------------------------------------------------------------ the ops
+def _rope(pos, cos, sin):
+    return None if pos is None else (pos, cos, sin)
+
+
+@triton_op("fast3r::attention", mutates_args=())
+def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, layout: str,
+                 rope_pos: torch.Tensor | None, rope_cos: torch.Tensor | None,
+                 rope_sin: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(scale q k^T) v -> (out in q's layout, lse (B, H, L_Q) fp32): the op torch.compile and export see."""
+    rope = _rope(rope_pos, rope_cos, rope_sin)
+    if not runs_kernels(q):
+        return reference_attention_forward(q, k, v, scale, layout, rope)
+    with device_guard(q.device):
+        return attention_forward(q, k, v, scale, layout, rope, return_lse=True)
+
+
+@triton_op("fast3r::attention_backward", mutates_args=())
+def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                          lse: torch.Tensor, scale: float, layout: str, rope_pos: torch.Tensor | None,
+                          rope_cos: torch.Tensor | None,
+                          rope_sin: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rope = _rope(rope_pos, rope_cos, rope_sin)
+    if not runs_kernels(q):
+        return reference_attention_backward(do, q, k, v, out, lse, scale, layout, rope)
+    with device_guard(q.device):
+        return attention_backward(do, q, k, v, out, lse, scale, layout, rope)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, scale, layout, rope_pos, rope_cos, rope_sin = inputs
+    ctx.save_for_backward(q, k, v, *output, rope_pos, rope_cos, rope_sin)
+    ctx.scale, ctx.layout = scale, layout
+    ctx.mark_non_differentiable(output[1])
+
+
+def _attention_grad(ctx, do, _dlse):
+    q, k, v, out, lse, rope_pos, rope_cos, rope_sin = ctx.saved_tensors
+    dq, dk, dv = attention_backward_op(do, q, k, v, out, lse, ctx.scale, ctx.layout, rope_pos, rope_cos, rope_sin)
+    return dq, dk, dv, None, None, None, None, None
+
+
+attention_op.register_autograd(_attention_grad, setup_context=_attention_setup)
 
 
 def default_scale(head_dim: int) -> float:
@@ -505,9 +612,12 @@ def attention(
         q, k, v = (t.to(cast_to) for t in (q, k, v))
     _check(q, k, v, layout, rope_pos, rope_num_pos)
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
-    if not (scale > 0 and math.isfinite(scale)):
+    if not 0 < scale < math.inf:  # also False for NaN; a comparison, so torch.compile can trace it
         raise ValueError(f"scale={scale}; the softmax scale must be a positive finite number")
-    return AttentionFunction.apply(q, k, v, scale, layout, rope_pos, float(rope_base), rope_num_pos, return_lse)
+    rope = (None, None, None) if rope_pos is None else _rope_inputs(rope_pos, q.shape[-1], float(rope_base),
+                                                                      rope_num_pos)
+    out, lse = attention_op(q, k, v, scale, layout, *rope)
+    return (out, lse) if return_lse else out
 
 
 def _check(q, k, v, layout, rope_pos, rope_num_pos) -> None:

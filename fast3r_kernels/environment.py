@@ -1,7 +1,7 @@
 """The environment report of ``python -m fast3r_kernels``: versions, devices, and a check of every kernel.
 
 Each public kernel (attention with and without RoPE-2D, layer_norm with and without a
-residual, patch_embed on uint8 and float images) runs forward and backward on small random
+residual, patch_embed on uint8 and float images, upsample_bilinear) runs forward and backward on small random
 inputs with ragged tails, and is compared with PyTorch in float64, on the first CUDA GPU,
 or without one in Triton's interpreter. That answers "do the kernels work with this torch,
 Triton, driver and GPU?" before a long run does. ``main`` returns 1 if any check fails.
@@ -28,6 +28,7 @@ from ._config import interpreting
 from .attention import attention, rope_tables
 from .layernorm import layer_norm
 from .patch_embed import normalize_uint8, patch_embed
+from .upsample import upsample_bilinear
 
 # ||kernel - float64 reference|| / ||reference||, per output and gradient; the kernel tests' bounds.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -118,6 +119,12 @@ def _patch_embed_case(device: torch.device, dtype: torch.dtype, uint8: bool) -> 
                 ("weight", "bias"))
 
 
+def _upsample_case(device: torch.device, dtype: torch.dtype) -> Case:
+    maps = torch.randn(2, 72, 5, 7, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    return Case({"x": maps}, lambda x: upsample_bilinear(x, scale_factor=2),
+                lambda x: F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True), ("x",))
+
+
 CASES: dict[str, Callable[[torch.device, torch.dtype], Case]] = {
     "attention": lambda device, dtype: _attention_case(device, dtype, rope=False),
     "attention + RoPE-2D": lambda device, dtype: _attention_case(device, dtype, rope=True),
@@ -125,6 +132,7 @@ CASES: dict[str, Callable[[torch.device, torch.dtype], Case]] = {
     "layer_norm + residual": lambda device, dtype: _layer_norm_case(device, dtype, residual=True),
     "patch_embed uint8": lambda device, dtype: _patch_embed_case(device, dtype, uint8=True),
     "patch_embed float": lambda device, dtype: _patch_embed_case(device, dtype, uint8=False),
+    "upsample_bilinear": _upsample_case,
 }
 
 

@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
-from ._config import autocast_dtype, cast, check_device, check_float, device_guard, precision
+from ._config import autocast_dtype, cast, check_device, check_float, device_guard, launching, precision, runs_kernels
 
 MAX_WIDTH = 8192
 
@@ -151,13 +152,14 @@ def layer_norm_forward(
     mean = torch.empty(m, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     block_n, rows, num_warps = launch_shape(n, rows, num_warps, backward=False)
-    _layer_norm_fwd[(triton.cdiv(m, rows),)](
-        x2, res2, weight, bias, y, res_out, mean, rstd,
-        m, n, x2.stride(0), res2.stride(0) if res2 is not None else 0, y.stride(0),
-        res_out.stride(0) if res_out is not None else 0, eps,
-        BLOCK_N=block_n, ROWS=rows, HAS_W=weight is not None, HAS_B=bias is not None,
-        HAS_RES=residual is not None, PRECISION=precision(x.dtype), num_warps=num_warps,
-    )
+    with launching(x):
+        wrap_triton(_layer_norm_fwd)[(triton.cdiv(m, rows),)](
+            x2, res2, weight, bias, y, res_out, mean, rstd,
+            m, n, x2.stride(0), res2.stride(0) if res2 is not None else 0, y.stride(0),
+            res_out.stride(0) if res_out is not None else 0, eps,
+            BLOCK_N=block_n, ROWS=rows, HAS_W=weight is not None, HAS_B=bias is not None,
+            HAS_RES=residual is not None, PRECISION=precision(x.dtype), num_warps=num_warps,
+        )
     shape = x.shape
     return y.view(shape), (res_out.view(shape) if res_out is not None else None), mean, rstd
 
@@ -189,36 +191,91 @@ def layer_norm_backward(
     programs = triton.cdiv(m, rows_per_program)
     dw_part = torch.empty((programs, n), dtype=torch.float32, device=x.device)
     db_part = torch.empty_like(dw_part)
-    _layer_norm_bwd[(programs,)](
-        x2, weight, dy2, dx, dres2, mean, rstd, dw_part, db_part,
-        m, n, x2.stride(0), dy2.stride(0), dx.stride(0), dres2.stride(0) if dres2 is not None else 0,
-        rows_per_program, BLOCK_N=block_n, ROWS=rows,
-        HAS_W=weight is not None, HAS_DRES=dres2 is not None, PRECISION=precision(x.dtype), num_warps=num_warps,
-    )
+    with launching(x):
+        wrap_triton(_layer_norm_bwd)[(programs,)](
+            x2, weight, dy2, dx, dres2, mean, rstd, dw_part, db_part,
+            m, n, x2.stride(0), dy2.stride(0), dx.stride(0), dres2.stride(0) if dres2 is not None else 0,
+            rows_per_program, BLOCK_N=block_n, ROWS=rows,
+            HAS_W=weight is not None, HAS_DRES=dres2 is not None, PRECISION=precision(x.dtype), num_warps=num_warps,
+        )
     dweight = dw_part.sum(0).to(weight.dtype) if weight is not None else None
     return dx.view(x.shape), dweight, db_part.sum(0)
 
 
-class LayerNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, residual, eps):
-        with device_guard(x.device):
-            y, res_out, mean, rstd = layer_norm_forward(x, weight, bias, eps, residual)
-        ctx.save_for_backward(res_out if residual is not None else x, weight, mean, rstd)
-        ctx.fused_residual = residual is not None
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        return (res_out, y) if ctx.fused_residual else y
+# ------------------------------------------------------------ reference (PyTorch)
+def reference_layer_norm_forward(x, weight, bias, eps: float, residual=None):
+    """What ``layer_norm_forward`` computes, in PyTorch (fp32 statistics over the stored sum): the op's
+    path on CPU tensors when no kernel can run there (``torch.compile`` on a CPU)."""
+    total = (x.float() + residual.float()).to(x.dtype) if residual is not None else None
+    rows = (total if total is not None else x).reshape(-1, x.shape[-1]).float()
+    mean = rows.mean(-1)
+    rstd = ((rows - mean[:, None]).square().mean(-1) + eps).rsqrt()
+    y = (rows - mean[:, None]) * rstd[:, None]
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).view(x.shape), total, mean, rstd
 
-    @staticmethod
-    def backward(ctx, *grads):
-        x, weight, mean, rstd = ctx.saved_tensors
-        d_res_out, dy = grads if ctx.fused_residual else (None, grads[0])
-        if dy is None:
-            dy = torch.zeros_like(x)
+
+def reference_layer_norm_backward(dy, x, weight, mean, rstd, d_residual_out=None):
+    """What ``layer_norm_backward`` computes, in fp32 PyTorch: (dx, dweight or None, dbias)."""
+    n = x.shape[-1]
+    rows, dy2 = x.reshape(-1, n).float(), dy.reshape(-1, n).float()
+    xhat = (rows - mean[:, None]) * rstd[:, None]
+    wdy = dy2 * weight.float() if weight is not None else dy2
+    dx = (wdy - xhat * (xhat * wdy).mean(-1, keepdim=True) - wdy.mean(-1, keepdim=True)) * rstd[:, None]
+    if d_residual_out is not None:
+        dx = dx + d_residual_out.reshape(-1, n).float()
+    dweight = (dy2 * xhat).sum(0).to(weight.dtype) if weight is not None else None
+    return dx.to(x.dtype).view(x.shape), dweight, dy2.sum(0)
+
+
+# ------------------------------------------------------------------ the ops
+@triton_op("fast3r::layer_norm", mutates_args=())
+def layer_norm_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                  residual: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                     torch.Tensor]:
+    """-> (y, x + residual (empty without residual), mean, rstd): the op torch.compile and export see."""
+    if runs_kernels(x):
         with device_guard(x.device):
-            dx, dweight, dbias = layer_norm_backward(dy, x, weight, mean, rstd, d_res_out)
-        dbias = dbias.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
-        return dx, dweight, dbias, (dx if ctx.fused_residual else None), None
+            y, total, mean, rstd = layer_norm_forward(x, weight, bias, eps, residual)
+    else:
+        y, total, mean, rstd = reference_layer_norm_forward(x, weight, bias, eps, residual)
+    return y, (total if total is not None else x.new_empty(0)), mean, rstd
+
+
+@triton_op("fast3r::layer_norm_backward", mutates_args=())
+def layer_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
+                           rstd: torch.Tensor, d_residual_out: torch.Tensor | None
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dx, dweight (empty without weight), dbias fp32)."""
+    if runs_kernels(x):
+        with device_guard(x.device):
+            dx, dweight, dbias = layer_norm_backward(dy, x, weight, mean, rstd, d_residual_out)
+    else:
+        dx, dweight, dbias = reference_layer_norm_backward(dy, x, weight, mean, rstd, d_residual_out)
+    return dx, (dweight if dweight is not None else x.new_empty(0)), dbias
+
+
+def _layer_norm_setup(ctx, inputs, output):
+    x, weight, bias, residual, _ = inputs
+    _, total, mean, rstd = output
+    ctx.fused_residual = residual is not None
+    ctx.has_weight = weight is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.save_for_backward(total if ctx.fused_residual else x, weight, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _layer_norm_grad(ctx, dy, d_total, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dweight, dbias = layer_norm_backward_op(dy, x, weight, mean, rstd, d_total if ctx.fused_residual else None)
+    return (dx, dweight if ctx.has_weight else None, dbias.to(ctx.bias_dtype) if ctx.bias_dtype else None,
+            dx if ctx.fused_residual else None, None)
+
+
+layer_norm_op.register_autograd(_layer_norm_grad, setup_context=_layer_norm_setup)
 
 
 def layer_norm(
@@ -238,7 +295,8 @@ def layer_norm(
         dtype = _autocast_layer_norm_dtype(x.device, autocast_dtype(x.device))
         x, weight, bias, residual = (t.to(dtype) if t is not None else None for t in (x, weight, bias, residual))
     _check(x, weight, bias, residual)
-    return LayerNormFunction.apply(x, weight, bias, residual, eps)
+    y, total, _, _ = layer_norm_op(x, weight, bias, residual, float(eps))
+    return (total, y) if residual is not None else y
 
 
 @functools.lru_cache(maxsize=8)

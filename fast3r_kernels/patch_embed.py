@@ -15,11 +15,23 @@ the GEMM itself is exact-input, and the kernel reads 1 byte per pixel instead of
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
 from . import tuning
-from ._config import autocast_dtype, cast, check_device, check_float, device_guard, mma, precision
+from ._config import (
+    autocast_dtype,
+    cast,
+    check_device,
+    check_float,
+    device_guard,
+    launching,
+    mma,
+    precision,
+    runs_kernels,
+)
 
 # uint8 RGB -> [-1, 1]: x / 127.5 - 1, the normalization Fast3R was trained with; one definition,
 # used by the kernels (folded into the epilogue) and by the PyTorch path (``normalize_uint8``).
@@ -131,10 +143,11 @@ def patch_embed_forward(images: torch.Tensor, weight: torch.Tensor, bias: torch.
     uint8 = images.dtype == torch.uint8
     rowsum = weight.float().reshape(d, k).sum(1) if uint8 else None
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_D"]))
-    _patch_embed_fwd[grid](
-        images, weight, bias, rowsum, out, m, t, grid_w, d, k, *images.stride(),
-        P=patch_size, UINT8=uint8, PRECISION=precision(weight.dtype), **cfg,
-    )
+    with launching(images):
+        wrap_triton(_patch_embed_fwd)[grid](
+            images, weight, bias, rowsum, out, m, t, grid_w, d, k, *images.stride(),
+            P=patch_size, UINT8=uint8, PRECISION=precision(weight.dtype), **cfg,
+        )
     return out
 
 
@@ -153,28 +166,66 @@ def patch_embed_backward_weight(dout: torch.Tensor, images: torch.Tensor, patch_
     dw_part = torch.empty((splits, d, k), dtype=torch.float32, device=dout.device)
     db_part = torch.empty((splits, d), dtype=torch.float32, device=dout.device)
     dout2 = dout.reshape(m, d).contiguous()
-    _patch_embed_bwd_weight[(tiles, splits)](
-        images, dout2, dw_part, db_part, m, t, grid_w, d, k, tokens_per_split, *images.stride(),
-        P=patch_size, UINT8=images.dtype == torch.uint8, PRECISION=precision(dout.dtype), **cfg,
-    )
+    with launching(images):
+        wrap_triton(_patch_embed_bwd_weight)[(tiles, splits)](
+            images, dout2, dw_part, db_part, m, t, grid_w, d, k, tokens_per_split, *images.stride(),
+            P=patch_size, UINT8=images.dtype == torch.uint8, PRECISION=precision(dout.dtype), **cfg,
+        )
     return dw_part.sum(0).view(d, c, patch_size, patch_size), db_part.sum(0)
 
 
-class PatchEmbedFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, images, weight, bias, patch_size):
-        ctx.save_for_backward(images)
-        ctx.patch_size = patch_size
-        ctx.dtypes = (weight.dtype, bias.dtype)
-        with device_guard(images.device):
-            return patch_embed_forward(images, weight, bias, patch_size)
+# ------------------------------------------------------------ reference (PyTorch)
+def reference_patch_embed_forward(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                                  patch_size: int) -> torch.Tensor:
+    """What ``patch_embed_forward`` computes (fp32 products), in PyTorch: the op's path on CPU tensors
+    when no kernel can run there (``torch.compile`` on a CPU)."""
+    x = normalize_uint8(images) if images.dtype == torch.uint8 else images.float()
+    tokens = F.conv2d(x, weight.float(), bias.float(), stride=patch_size)
+    return tokens.flatten(2).transpose(1, 2).to(weight.dtype).contiguous()
 
-    @staticmethod
-    def backward(ctx, dout):
-        (images,) = ctx.saved_tensors
-        with device_guard(images.device):
-            dweight, dbias = patch_embed_backward_weight(dout, images, ctx.patch_size)
-        return None, dweight.to(ctx.dtypes[0]), dbias.to(ctx.dtypes[1]), None
+
+def reference_patch_embed_backward(dout: torch.Tensor, images: torch.Tensor,
+                                   patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``patch_embed_backward_weight`` computes: (dweight (D, C, p, p) fp32, dbias (D,) fp32)."""
+    x = normalize_uint8(images) if images.dtype == torch.uint8 else images.float()
+    patches = F.unfold(x, patch_size, stride=patch_size)  # (N, C*p*p, T)
+    dw = torch.einsum("ntd,nkt->dk", dout.float(), patches)
+    return dw.view(dout.shape[-1], images.shape[1], patch_size, patch_size), dout.float().sum((0, 1))
+
+
+# ------------------------------------------------------------------ the ops
+@triton_op("fast3r::patch_embed", mutates_args=())
+def patch_embed_op(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(N, C, H, W) images -> (N, T, D) tokens: the op torch.compile and export see."""
+    if not runs_kernels(images):
+        return reference_patch_embed_forward(images, weight, bias, patch_size)
+    with device_guard(images.device):
+        return patch_embed_forward(images, weight, bias, patch_size)
+
+
+@triton_op("fast3r::patch_embed_backward", mutates_args=())
+def patch_embed_backward_op(dout: torch.Tensor, images: torch.Tensor,
+                            patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if not runs_kernels(images):
+        return reference_patch_embed_backward(dout, images, patch_size)
+    with device_guard(images.device):
+        return patch_embed_backward_weight(dout, images, patch_size)
+
+
+def _patch_embed_setup(ctx, inputs, output):
+    images, weight, bias, patch_size = inputs
+    ctx.save_for_backward(images)
+    ctx.patch_size = patch_size
+    ctx.dtypes = (weight.dtype, bias.dtype)
+
+
+def _patch_embed_grad(ctx, dout):
+    (images,) = ctx.saved_tensors
+    dweight, dbias = patch_embed_backward_op(dout, images, ctx.patch_size)
+    return None, dweight.to(ctx.dtypes[0]), dbias.to(ctx.dtypes[1]), None
+
+
+patch_embed_op.register_autograd(_patch_embed_grad, setup_context=_patch_embed_setup)
 
 
 def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, patch_size: int = 16) -> torch.Tensor:
@@ -190,7 +241,7 @@ def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
         weight, bias = weight.to(cast_to), bias.to(cast_to)
         images = images if images.dtype == torch.uint8 else images.to(cast_to)
     _check(images, weight, bias, patch_size)
-    return PatchEmbedFunction.apply(images, weight, bias, patch_size)
+    return patch_embed_op(images, weight, bias, int(patch_size))
 
 
 def _check(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, p: int) -> None:

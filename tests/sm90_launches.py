@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 attention = importlib.import_module("fast3r_kernels.attention")  # the module; the package exports the function
 layernorm = importlib.import_module("fast3r_kernels.layernorm")
 patch_embed = importlib.import_module("fast3r_kernels.patch_embed")
+upsample = importlib.import_module("fast3r_kernels.upsample")
 
 HOPPER = GPUTarget("cuda", 90, 32)
 H100_SHARED_MEMORY = 232448  # bytes per block, the limit the launch reported on the H100
@@ -116,6 +117,9 @@ def cases():
         stats = torch.randn(8), torch.rand(8)
         yield f"layer_norm bwd {dtype}", layernorm.layer_norm_backward, (torch.randn_like(x), x, lw, *stats,
                                                                          torch.randn_like(x))
+        maps = torch.randn(2, 256, 7, 7, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        yield f"upsample {dtype}", upsample.upsample_forward, (maps, (14, 14))
+        yield f"upsample bwd {dtype}", upsample.upsample_backward, (torch.randn(2, 256, 14, 14, dtype=dtype), (7, 7))
 
 
 def main() -> None:
