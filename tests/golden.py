@@ -7,32 +7,17 @@ they are not shipped with the package.
 from __future__ import annotations
 
 import json
-import math
 import os
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
+from weight_recipe import recipe_state_dict  # noqa: F401 (re-exported: the golden tests load weights with it)
 
 FIXTURES = Path(os.environ.get("FAST3R_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
 MODEL_FIXTURES = ("official_tiny_3v_48x64", "official_tiny_mixed_res")
 OUTPUT_KEYS = ("pts3d_in_other_view", "conf", "pts3d_local", "conf_local")
-
-
-def recipe_tensor(key: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """The deterministic weight every fixture was produced with (SPEC.md, 'Golden fixtures')."""
-    g = torch.Generator().manual_seed(zlib.crc32(key.encode()))
-    if len(shape) >= 2:
-        return torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
-    if key.endswith("weight"):
-        return 1 + 0.1 * torch.randn(shape, generator=g)
-    return 0.02 * torch.randn(shape, generator=g)
-
-
-def recipe_state_dict(shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]:
-    return {key: recipe_tensor(key, tuple(shape)) for key, shape in shapes.items()}
 
 
 def fixture_path(name: str) -> Path:
