@@ -36,9 +36,14 @@ RIGID_HINT = ("Pass rigid camera-to-world poses: a rotation R (R^T R = I, det R 
 
 def describe_views(indices: Sequence[int], verb: str) -> str:
     """'view 3 holds' / 'views 0, 4, 9, 12, 13 and 7 more hold': names the first few offending views."""
+    return f"{name_views(indices)} {verb}" if len(indices) > 1 else f"{name_views(indices)} {verb}s"
+
+
+def name_views(indices: Sequence[int]) -> str:
+    """'view 3' / 'views 0, 4, 9, 12, 13 and 7 more'."""
     shown = ", ".join(str(i) for i in indices[:SHOWN])
     more = f" and {len(indices) - SHOWN} more" if len(indices) > SHOWN else ""
-    return f"views {shown}{more} {verb}" if len(indices) > 1 else f"view {shown} {verb}s"
+    return f"views {shown}{more}" if len(indices) > 1 else f"view {shown}"
 
 
 def capturing(tensor: torch.Tensor) -> bool:
