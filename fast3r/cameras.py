@@ -84,7 +84,7 @@ def estimate_cameras(
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r}; choose one of {METHODS}")
-    sizes = _check_preds(preds, needs_local=method == "procrustes")
+    sizes = check_preds(preds, needs_local=method == "procrustes")
     focals = _given_focals(focal, len(preds))
     usable = _usable_views(preds, needs_local=method == "procrustes")
     unusable = [i for i in range(len(preds)) if i not in usable]
@@ -305,7 +305,7 @@ def _solve_pnp(cv2, points: np.ndarray, pixels: np.ndarray, focal: float, hw: tu
 
 
 # --------------------------------------------------------------------------- helpers
-def _check_preds(preds: Preds, *, needs_local: bool) -> list[tuple[int, int]]:
+def check_preds(preds: Preds, *, needs_local: bool) -> list[tuple[int, int]]:
     """Validate one scene's preds -> (H, W) of every view."""
     if isinstance(preds, dict) or not isinstance(preds, Sequence) or not preds:
         raise TypeError("preds must be the non-empty list of per-view dicts that model(...) returns")
