@@ -388,7 +388,7 @@ def export(
         shown = _finite_cameras(cameras, ", ".join(FILE_NAMES[f] for f in formats if f in CAMERA_FORMATS))
         if not shown.any() and {"colmap", "nerfstudio"} & set(formats):
             raise ExportError("no view has a finite camera: nothing to write to sparse/0 or transforms.json")
-    created = _make_dirs(out)
+    created = make_output_dir(out)
     staging = Path(tempfile.mkdtemp(dir=out, prefix=STAGING_PREFIX))
     try:
         if {"colmap", "nerfstudio"} & set(formats):
@@ -419,8 +419,7 @@ def export(
         _install(staging, out, entries, previous)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        for directory in reversed(created):
-            _remove_if_empty(directory)
+        remove_created(created)
         raise
     shutil.rmtree(staging, ignore_errors=True)
     return [out / name for _, written in steps for name in written] + [out / MANIFEST]
@@ -608,8 +607,10 @@ def _install(staging: Path, out: Path, entries: list[str], previous: list[str]) 
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _make_dirs(path: Path) -> list[Path]:
-    """mkdir -p; returns the directories it created, outermost first (to remove them again on failure)."""
+def make_output_dir(path: str | os.PathLike) -> list[Path]:
+    """mkdir -p, refusing a folder that cannot be made or written to (ExportError); returns the directories it
+    created, outermost first, for ``remove_created`` after a failure."""
+    path = Path(path)
     missing = []
     for parent in (path, *path.parents):
         if parent.exists():
@@ -619,7 +620,15 @@ def _make_dirs(path: Path) -> list[Path]:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ExportError(f"cannot create output folder {path}: {err.strerror or err}") from err
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ExportError(f"output folder {path} is not writable; pass a folder you can write to")
     return missing[::-1]
+
+
+def remove_created(directories: Sequence[Path]) -> None:
+    """Remove what ``make_output_dir`` created, innermost first, where it is still empty."""
+    for directory in reversed(directories):
+        _remove_if_empty(directory)
 
 
 def _remove_if_empty(directory: Path) -> None:
