@@ -306,7 +306,8 @@ def test_ctrl_c_during_an_overwrite_keeps_the_previous_set(tinier_random_model, 
     before = snapshot(out)
     monkeypatch.setattr(cli, "estimate_cameras", interrupt)
     code, _, err = run(reconstruct_args([image_folder], out, "--size", "224", "--overwrite"), capsys)
-    assert code == 130 and "Traceback" not in err and snapshot(out) == before and not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert code == 130 and "Traceback" not in err and snapshot(out) == before
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
 def test_unexpected_errors_are_one_line_with_the_traceback_on_request(image_folder, tmp_path, capsys, monkeypatch):
