@@ -74,13 +74,18 @@ def read_frames(
         raise ValueError(f"every must be an integer >= 1; got every={every!r}")
     workers = os.cpu_count() or 1
     frames, pending = [], deque()
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for index, frame in _kept_frames(path, fps, every, on_decoded):
-            pending.append((index, pool.submit(_prepare, frame, size)))
-            if len(pending) > 2 * workers:  # bound the decoded full-size frames held in memory
-                index, job = pending.popleft()
-                frames.append((index, job.result()))
-        frames += [(index, job.result()) for index, job in pending]
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for index, frame in _kept_frames(path, fps, every, on_decoded):
+                pending.append((index, pool.submit(_prepare, frame, size)))
+                if len(pending) > 2 * workers:  # bound the decoded full-size frames held in memory
+                    index, job = pending.popleft()
+                    frames.append((index, job.result()))
+            frames += [(index, job.result()) for index, job in pending]
+    except UnreadableVideoError:
+        raise
+    except ValueError as err:  # the preprocessing's (an aspect ratio too extreme): name the video
+        raise UnreadableVideoError(f"video {path}: {err}") from err
     if not frames:
         raise UnreadableVideoError(f"video {path} has no decodable frames")
     return frames

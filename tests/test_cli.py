@@ -16,7 +16,7 @@ from PIL import Image
 
 from fast3r import Fast3RConfig, cli, export, inputs, load_images
 from fast3r.images import preprocess_image
-from fast3r.video import read_frames, upright
+from fast3r.video import UnreadableVideoError, read_frames, upright
 
 # The [reconstruct] extra: installed in CI; skipped with the reason where it is not (the GPU machine).
 av = pytest.importorskip("av")
@@ -426,3 +426,17 @@ def test_a_new_subcommand_takes_a_few_lines_and_shares_the_error_handling(monkey
     monkeypatch.setattr(cli, "SUBCOMMANDS", (*cli.SUBCOMMANDS, add_hello))
     assert cli.main(["hello"]) == 0
     assert cli.main(["hello", "--fail"]) == 2 and "fast3r hello: error: no" in capsys.readouterr().err
+
+
+def test_an_image_over_the_decompression_bomb_limit_is_one_error_line(tinier_random_model, image_folder, tmp_path,
+                                                                      capsys, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 30_000)  # img1.png (260 x 300) is over twice this
+    code, _, err = run(reconstruct_args([image_folder / "img1.png"], tmp_path / "out", "--size", "224"), capsys)
+    assert code == 2 and "img1.png has 78000 pixels" in err and "decompression-bomb" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_a_video_too_elongated_for_512_names_the_video(tmp_path):
+    video = write_video(tmp_path / "strip.mp4", frames=2, size=(640, 16))
+    with pytest.raises(UnreadableVideoError, match=r"video .*strip\.mp4: a 640x16 image .*--size 224"):
+        read_frames(video, size=512, every=1)
