@@ -248,7 +248,7 @@ def write_colmap(directory: str | os.PathLike, cameras: dict[str, torch.Tensor],
     cam2world = cameras["cam2world"].numpy()
     world_to_cam = np.full_like(cam2world, np.nan)
     world_to_cam[registered] = np.linalg.inv(cam2world[registered])
-    cloud = _in_front(cloud, world_to_cam, warn=warn_left_out)
+    cloud = _in_front(cloud, world_to_cam)
     cloud = cloud.subset(MAX_COLMAP_POINTS if max_points is None else max_points)
     model = pycolmap.Reconstruction()
     camera_ids: dict[tuple, int] = {}
@@ -366,7 +366,7 @@ def export(
     with each step's name as it finishes (for a progress bar). Returns the paths written.
     """
     formats = parse_formats(formats)
-    preds, images, cameras = _checked_inputs(preds, images, names, cameras, formats)
+    preds, images, cameras = _checked_inputs(preds, images, names, cameras)
     out = Path(out_dir)
     previous = check_output_dir(out, overwrite=overwrite)
     sizes = [tuple(int(s) for s in view["conf"].shape) for view in preds]
@@ -503,7 +503,7 @@ def check_names(names: Sequence[str]) -> None:
                           "the other's; give every view its own name (e.g. prefix its index)")
 
 
-def _checked_inputs(preds, images, names, cameras, formats) -> tuple[list, list[torch.Tensor], dict]:
+def _checked_inputs(preds, images, names, cameras) -> tuple[list, list[torch.Tensor], dict]:
     """One view each in preds, images, names and cameras, of agreeing sizes -> (preds, CPU images, CPU float64
     cameras); every problem is an ExportError naming the view and the fix."""
     try:
@@ -558,7 +558,7 @@ def _finite_cameras(cameras: dict[str, torch.Tensor], where: str | None) -> np.n
     return finite
 
 
-def _in_front(cloud: PointCloud, world_to_cam: np.ndarray, *, warn: bool) -> PointCloud:
+def _in_front(cloud: PointCloud, world_to_cam: np.ndarray) -> PointCloud:
     """The points of registered views that lie in front of their view's camera (z > 0 in its frame)."""
     rotation, translation = world_to_cam[cloud.view, 2, :3], world_to_cam[cloud.view, 2, 3]
     with np.errstate(invalid="ignore"):
@@ -566,7 +566,7 @@ def _in_front(cloud: PointCloud, world_to_cam: np.ndarray, *, warn: bool) -> Poi
         keep = depth > 0  # NaN (an unregistered view): False
     registered = np.isfinite(depth)
     behind = int((registered & ~keep).sum())
-    if warn and behind > BEHIND_WARNING_FRACTION * max(int(registered.sum()), 1):
+    if behind > BEHIND_WARNING_FRACTION * max(int(registered.sum()), 1):
         warnings.warn(f"{behind} of {int(registered.sum())} points lie behind the camera of their view: left out of "
                       "the COLMAP model (cameras and points disagree: untrained weights, or a failed pose)",
                       UserWarning, stacklevel=3)

@@ -321,6 +321,8 @@ def test_points_behind_their_camera_stay_out_of_colmap(scene, tmp_path):
     model = pycolmap.Reconstruction(str(tmp_path))
     assert model.num_points3D() == len(cloud) - 24 * 64
     assert max(p.error for p in model.points3D.values()) < 1e-3
+    with pytest.warns(UserWarning, match="lie behind the camera of their view"):  # export() says so too
+        export_all({**scene, "preds": preds}, tmp_path / "out", formats=["colmap"])
 
 
 # ------------------------------------------------------------------------------ output folders
