@@ -30,6 +30,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import numpy as np
 import torch
 
+from .validation import name_views
+
 METHODS = ("pnp", "procrustes")
 # "pnp": the official values (100 Weiszfeld iterations; PnP on the 15% most confident points, the
 # official code names the 85th percentile; 100 RANSAC iterations; 5 px inlier threshold) except
@@ -50,6 +52,8 @@ FOCAL_RANGE = (0.05, 20.0)
 # at a time, in float64.
 PROCRUSTES_CONF_PERCENTILE = 50.0
 PROCRUSTES_CHUNK_POINTS = 2**24
+# A view needs this many finite points for a camera (PnP's minimum; Umeyama needs 3); with fewer its camera is NaN.
+MIN_POINTS = 4
 
 Preds = Sequence[dict[str, torch.Tensor]]
 Progress = Callable[[int], object] | None
@@ -73,18 +77,34 @@ def estimate_cameras(
 
     Returns ``cam2world`` (N, 4, 4), OpenCV camera-to-world in view 0's camera frame, and
     ``intrinsics`` (N, 3, 3) with the principal point at (W/2, H/2); float64 on the CPU.
+    A view with fewer than MIN_POINTS finite points gets a NaN camera (pose; focal too for
+    "procrustes"), with a warning naming it; every warning names views by their index in ``preds``.
+    Confidences must be >= 0; where a view's are zero everywhere, "procrustes" weighs its points
+    equally, with a warning.
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r}; choose one of {METHODS}")
-    sizes = _check_preds(preds, needs_local=method == "procrustes")
-    groups = _groups_by_size(sizes)
+    sizes = check_preds(preds, needs_local=method == "procrustes")
     focals = _given_focals(focal, len(preds))
+    usable = _usable_views(preds, needs_local=method == "procrustes")
+    unusable = [i for i in range(len(preds)) if i not in usable]
+    if method == "pnp" and focals is None and 0 in unusable:
+        raise ValueError(f"view 0 has fewer than {MIN_POINTS} finite points in pts3d_in_other_view, and 'pnp' takes "
+                         "the focal from it; pass focal= if you know it (fast3r reconstruct: --focal), or use "
+                         "method='procrustes' (--cameras procrustes), which takes each view's focal from the view")
+    if unusable:
+        warnings.warn(f"{name_views(unusable)} {'have' if len(unusable) > 1 else 'has'} fewer than {MIN_POINTS} finite points (NaN everywhere?): "
+                      "their cameras are NaN (pose" + (" and focal" if method == "procrustes" else "") + ")",
+                      UserWarning, stacklevel=2)
+    groups = _groups_by_size({i: sizes[i] for i in usable})
     if method == "procrustes":
         focals, cam2world = procrustes_cameras(preds, groups, focals, progress)
     else:
         if focals is None:
             focals = torch.full((len(preds),), pnp_focal(preds[0]), dtype=torch.float64)
         cam2world = pnp_poses(preds, groups, focals, progress)
+    if progress is not None and unusable:
+        progress(len(unusable))
     return {"cam2world": cam2world, "intrinsics": intrinsics_matrices(focals, sizes)}
 
 
@@ -129,10 +149,15 @@ def umeyama(
 def procrustes_cameras(
     preds: Preds, groups: dict[tuple[int, int], list[int]], focals: torch.Tensor | None, progress: Progress = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> focals (N,) and cam2world (N, 4, 4), float64 CPU; the work stays on the preds' device."""
-    n_views = sum(len(idx) for idx in groups.values())
-    cam2world = torch.empty(n_views, 4, 4, dtype=torch.float64)
-    estimated = torch.empty(n_views, dtype=torch.float64)
+    """-> focals (N,) and cam2world (N, 4, 4), float64 CPU, for the views in ``groups`` (NaN for the others).
+
+    Views are named by their index in ``preds`` everywhere, warnings included. The work stays on the
+    preds' device; one host transfer per chunk of views.
+    """
+    n_views = len(preds)
+    cam2world = torch.full((n_views, 4, 4), math.nan, dtype=torch.float64)
+    estimated = torch.full((n_views,), math.nan, dtype=torch.float64)
+    unweighted: list[int] = []
     for (h, w), indices in groups.items():
         per_chunk = max(1, PROCRUSTES_CHUNK_POINTS // (h * w))
         for start in range(0, len(indices), per_chunk):
@@ -141,18 +166,32 @@ def procrustes_cameras(
             world, conf = _stack(preds, chunk, "pts3d_in_other_view", "conf")
             usable = torch.isfinite(local).all(-1) & torch.isfinite(world).all(-1)
             local, world = local.nan_to_num(0.0, 0.0, 0.0), world.nan_to_num(0.0, 0.0, 0.0)
+            weights = _finite_or_zero(conf_local * conf) * usable
+            zero = weights.sum(1) == 0  # no confidence anywhere: equal weights over the finite points
+            weights = _most_confident_weights(torch.where(zero[:, None], usable.to(weights.dtype), weights))
             if focals is None:
                 pixels = _centred_pixels(h, w, local.device).view(1, h * w, 2)
-                focal_weights = _most_confident_weights(_finite_or_zero(conf_local) * usable)
-                estimated[chunk] = least_squares_focal(local, pixels, focal_weights).cpu()
-            weights = _most_confident_weights(_finite_or_zero(conf_local * conf) * usable)
+                focal_weights = _finite_or_zero(conf_local) * usable
+                focal_weights = torch.where((focal_weights.sum(1) == 0)[:, None], usable.to(weights.dtype),
+                                            focal_weights)
+                estimated[chunk] = least_squares_focal(local, pixels, _most_confident_weights(focal_weights)).cpu()
             _, rotation, translation = umeyama(local, world, weights)
-            cam2world[chunk] = _pose_matrices(rotation, translation).cpu()
+            too_few = usable.sum(1) < MIN_POINTS  # possible for the PnP fallback, whose views were checked for pnp
+            poses = torch.where(too_few[:, None, None], math.nan, _pose_matrices(rotation, translation))
+            cam2world[chunk] = poses.cpu()
+            unweighted += [i for i, flag, few in zip(chunk, zero.tolist(), too_few.tolist()) if flag and not few]
             if progress is not None:
                 progress(len(chunk))
+    if unweighted:
+        unweighted.sort()
+        warnings.warn(f"the confidence is zero at every finite point of {name_views(unweighted)}: their poses are "
+                      "fitted with equal weights (pass the model's conf and conf_local)", UserWarning, stacklevel=3)
     if focals is None:
         sizes = {i: hw for hw, idx in groups.items() for i in idx}
-        focals = _clamped(estimated, [sizes[i] for i in range(n_views)])
+        focals = estimated
+        if sizes:
+            chosen = sorted(sizes)
+            focals[chosen] = _clamped(estimated[chosen], [sizes[i] for i in chosen], chosen)
     return focals, cam2world
 
 
@@ -187,21 +226,20 @@ def pnp_focal(view: dict[str, torch.Tensor]) -> float:
         residual = (pp - 2 * focal * ap + focal.square() * aa).clamp_min(1e-16).sqrt()
         reweighted = weights / residual
         focal = (reweighted * ap).sum() / (reweighted * aa).sum().clamp_min(torch.finfo(aa.dtype).tiny)
-    return float(_clamped(focal.reshape(1).cpu(), [(h, w)])[0])
+    return float(_clamped(focal.reshape(1).cpu(), [(h, w)], [0])[0])
 
 
 def pnp_poses(
     preds: Preds, groups: dict[tuple[int, int], list[int]], focals: torch.Tensor, progress: Progress = None
 ) -> torch.Tensor:
-    """RANSAC PnP per view in a thread pool -> cam2world (N, 4, 4) float64 CPU.
+    """RANSAC PnP per view in a thread pool -> cam2world (N, 4, 4) float64 CPU (NaN for views not in ``groups``).
 
-    Views where PnP fails take the Procrustes pose (if the preds have local pointmaps) or
-    the identity (as the official code does), with a warning naming them.
+    Views where PnP fails take the Procrustes pose (if the preds have local pointmaps; with the
+    focals given) or the identity (as the official code does), with a warning naming them.
     """
     import cv2  # the [reconstruct] extra; imported here so that `import fast3r` works without it
 
-    n_views = len(preds)
-    cam2world = torch.eye(4, dtype=torch.float64).repeat(n_views, 1, 1)
+    cam2world = torch.full((len(preds), 4, 4), math.nan, dtype=torch.float64)
     jobs = []
     for (h, w), indices in groups.items():
         points, pixels = _most_confident(preds, indices, h, w)
@@ -221,10 +259,14 @@ def pnp_poses(
     if failed:
         failed.sort()
         how = "the identity"
+        cam2world[failed] = torch.eye(4, dtype=torch.float64)
         if all("pts3d_local" in preds[i] for i in failed):
-            subset = [preds[i] for i in failed]
-            cam2world[failed] = procrustes_cameras(subset, _groups_by_size([_size(v) for v in subset]), None)[1]
+            fallback = procrustes_cameras(preds, _groups_by_size({i: _size(preds[i]) for i in failed}), focals)[1]
+            cam2world[failed] = fallback[failed]
             how = "the Procrustes alignment"
+            lost = [i for i in failed if not bool(torch.isfinite(cam2world[i]).all())]
+            if lost:
+                how += f" (NaN for {name_views(lost)}: too few finite points in its local pointmap)"
         warnings.warn(f"PnP failed for views {failed}; their poses come from {how}", stacklevel=3)
     return cam2world
 
@@ -263,7 +305,7 @@ def _solve_pnp(cv2, points: np.ndarray, pixels: np.ndarray, focal: float, hw: tu
 
 
 # --------------------------------------------------------------------------- helpers
-def _check_preds(preds: Preds, *, needs_local: bool) -> list[tuple[int, int]]:
+def check_preds(preds: Preds, *, needs_local: bool) -> list[tuple[int, int]]:
     """Validate one scene's preds -> (H, W) of every view."""
     if isinstance(preds, dict) or not isinstance(preds, Sequence) or not preds:
         raise TypeError("preds must be the non-empty list of per-view dicts that model(...) returns")
@@ -281,11 +323,40 @@ def _check_preds(preds: Preds, *, needs_local: bool) -> list[tuple[int, int]]:
         if points.dim() != 3 or points.shape[-1] != 3 or view["conf"].shape != points.shape[:2]:
             raise ValueError(f"preds[{i}]: expected pts3d_in_other_view (H, W, 3) and conf (H, W), got "
                              f"{tuple(points.shape)} and {tuple(view['conf'].shape)}")
-        if needs_local and view["pts3d_local"].shape != points.shape:
+        if "pts3d_local" in view and view["pts3d_local"].shape != points.shape:
             raise ValueError(f"preds[{i}]: pts3d_local {tuple(view['pts3d_local'].shape)} differs from "
                              f"pts3d_in_other_view {tuple(points.shape)}")
+        if "conf_local" in view and view["conf_local"].shape != view["conf"].shape:
+            shape = tuple(view["conf_local"].shape)
+            hint = " (transposed? pass it as (H, W), like conf)" if shape == tuple(view["conf"].shape)[::-1] else ""
+            raise ValueError(f"preds[{i}]: conf_local has shape {shape}, expected (H, W) = "
+                             f"{tuple(view['conf'].shape)}{hint}")
+        if any(view[k].device != points.device for k in keys):
+            raise ValueError(f"preds[{i}] holds tensors on several devices; move the view's tensors to one device")
         sizes.append(_size(view))
     return sizes
+
+
+def _usable_views(preds: Preds, *, needs_local: bool) -> list[int]:
+    """Views with at least MIN_POINTS finite points (in both pointmaps when ``needs_local``); one host transfer.
+
+    Raises for a negative confidence: confidences weigh and rank points, and the model's are >= 1.
+    """
+    conf_keys = ("conf", "conf_local") if "conf_local" in preds[0] else ("conf",)
+    stats = []
+    for view in preds:
+        finite = torch.isfinite(view["pts3d_in_other_view"]).all(-1)
+        if needs_local:
+            finite &= torch.isfinite(view["pts3d_local"]).all(-1)
+        negative = [(view[k] < 0).any() for k in conf_keys if k in view]
+        stats.append(torch.stack([finite.sum(), *negative]).to(preds[0]["conf"].device))
+    stats = torch.stack(stats).cpu().tolist()
+    for i, (_, *negative) in enumerate(stats):
+        for key, bad in zip(conf_keys, negative):
+            if bad:
+                raise ValueError(f"preds[{i}]: {key} holds negative values; confidences are >= 0 (the model's are "
+                                 ">= 1): pass the model's output")
+    return [i for i, (count, *_) in enumerate(stats) if count >= MIN_POINTS]
 
 
 def _size(view: dict[str, torch.Tensor]) -> tuple[int, int]:
@@ -293,9 +364,10 @@ def _size(view: dict[str, torch.Tensor]) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def _groups_by_size(sizes: Sequence[tuple[int, int]]) -> dict[tuple[int, int], list[int]]:
+def _groups_by_size(sizes: dict[int, tuple[int, int]]) -> dict[tuple[int, int], list[int]]:
+    """{view index: (H, W)} -> {(H, W): view indices}."""
     groups: dict[tuple[int, int], list[int]] = {}
-    for i, hw in enumerate(sizes):
+    for i, hw in sizes.items():
         groups.setdefault(hw, []).append(i)
     return groups
 
@@ -353,12 +425,15 @@ def _pose_matrices(rotation: torch.Tensor, translation: torch.Tensor) -> torch.T
     return pose
 
 
-def _clamped(focals: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """Clamp focals into FOCAL_RANGE x the long side; warn about those that were out of it."""
+def _clamped(focals: torch.Tensor, sizes: Sequence[tuple[int, int]], views: Sequence[int]) -> torch.Tensor:
+    """Clamp focals into FOCAL_RANGE x the long side; warn about those that were out of it, by their view index."""
     long_side = torch.tensor([max(hw) for hw in sizes], dtype=torch.float64)
     low, high = FOCAL_RANGE[0] * long_side, FOCAL_RANGE[1] * long_side
     bad = ~(torch.isfinite(focals) & (focals >= low) & (focals <= high))
     if bad.any():
+        named = [views[i] for i in bad.nonzero().flatten().tolist()]
         warnings.warn(f"estimated focal out of [{FOCAL_RANGE[0]}, {FOCAL_RANGE[1]}] x image long side for views "
-                      f"{bad.nonzero().flatten().tolist()}; clamped (pass focal= if you know it)", stacklevel=3)
+                      f"{named}; clamped, so their cameras are unreliable (untrained weights, or too little depth "
+                      "in view). If you know the focal in pixels of the model's views, pass focal= "
+                      "(fast3r reconstruct: --focal)", stacklevel=3)
     return torch.where(torch.isfinite(focals), focals, high).clamp(low, high)

@@ -32,6 +32,10 @@ class CheckpointError(ValueError):
     """A checkpoint file is unreadable or does not match the model; the message names the file and key."""
 
 
+class StateDictError(CheckpointError, RuntimeError):
+    """A state dict does not fit the model (keys, shapes) or holds NaN / Inf; a RuntimeError too, as torch's is."""
+
+
 def resolve(path_or_repo_id: str | os.PathLike) -> tuple[Path, Path | None]:
     """-> (weights file, config.json or None) for a local directory/file or a Hugging Face hub id.
 
@@ -192,13 +196,13 @@ def _unwrap(state: object, path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``state`` into ``model`` (which may live on the meta device: tensors are assigned, not copied).
+def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str, *, assign: bool = True):
+    """Load ``state`` into ``model``; with ``assign`` (for a model on the meta device) tensors are assigned, not copied.
 
-    Raises one error naming every missing, extra or mis-shaped key.
-
-    Parameters the model shares under two names (the DPT ``layer1_rn`` / ``layer_rn.0``
-    convolutions) need only one of the names in the checkpoint, as safetensors writes them.
+    Raises one StateDictError naming every missing, extra or mis-shaped key, or every tensor that
+    holds NaN or Inf (one such weight makes every output NaN). Parameters the model shares under two
+    names (the DPT ``layer1_rn`` / ``layer_rn.0`` convolutions) need only one of the names, as
+    safetensors writes them. Returns what ``nn.Module.load_state_dict`` returns.
     """
     expected = model.state_dict()
     groups = _alias_groups(model)
@@ -212,10 +216,16 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -
     if missing or unexpected or misshaped:
         parts = [f"{title} ({len(keys)}): {', '.join(keys)}" for title, keys in
                  (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", misshaped)) if keys]
-        raise CheckpointError(f"checkpoint {source} does not fit this Fast3R config; " + "; ".join(parts))
+        raise StateDictError(f"checkpoint {source} does not fit this Fast3R config; " + "; ".join(parts))
+    nonfinite = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if nonfinite:
+        shown = ", ".join(nonfinite[:8]) + (f" and {len(nonfinite) - 8} more" if len(nonfinite) > 8 else "")
+        raise StateDictError(f"checkpoint {source} holds NaN or Inf in {len(nonfinite)} tensor(s): {shown}; every "
+                             "output would be NaN. The file is damaged or comes from a diverged training run: use an "
+                             "earlier checkpoint (or download it again)")
     # Where a checkpoint holds several aliases, the last one wins, as with nn.Module.load_state_dict.
     complete = {name: state[[n for n in g if n in state][-1]] for g in groups for name in g}
-    model.load_state_dict(complete, strict=True, assign=True)
+    return nn.Module.load_state_dict(model, complete, strict=True, assign=assign)
 
 
 def _alias_groups(model: nn.Module) -> list[list[str]]:

@@ -1,24 +1,34 @@
 """The ``fast3r`` command: images, folders or videos in; cameras, point clouds and models for other tools out.
 
-    fast3r reconstruct INPUT... --out DIR [--checkpoint PATH_OR_HUB_ID | --random-weights]
+    fast3r reconstruct INPUT... --out DIR [--overwrite] [--checkpoint PATH_OR_HUB_ID | --random-weights]
         [--size 512|224] [--backend triton|torch] [--dtype bf16|fp32] [--fps F | --every K]
-        [--max-views N] [--cameras pnp|procrustes] [--export ply,glb,colmap,nerfstudio,npz]
+        [--max-views N] [--cameras pnp|procrustes] [--focal F] [--export ply,glb,colmap,nerfstudio,npz]
         [--conf-percentile P]
 
 Stages: decode (Pillow / PyAV) -> encoder -> fusion layers -> heads (one forward pass) ->
 cameras (``fast3r.estimate_cameras``) -> export (``fast3r.export``). Each shows a tqdm bar;
 the model's stages are followed through forward hooks, so the model is not changed. The
 libraries of the ``[reconstruct]`` extra are imported only here, when needed.
+
+Every subcommand is one ``add_*`` function in SUBCOMMANDS that adds its parser and sets
+``run`` (args -> exit status); ``main`` gives them all the same handling: errors print as one
+``fast3r CMD: error: ...`` line (status 2 for bad input, 1 for anything unexpected; the traceback
+with FAST3R_TRACEBACK=1), warnings as ``fast3r CMD: warning: ...`` lines, Ctrl-C exits 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import math
 import os
+import shlex
 import sys
 import time
-from collections.abc import Sequence
+import traceback
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +38,7 @@ from . import export as exporting
 from .cameras import METHODS, estimate_cameras
 from .checkpoint import CheckpointError
 from .images import SIZES
-from .inputs import NoImagesFoundError, UnreadableImageError, Views, count_work, find_sources, load_views
+from .inputs import NoImagesFoundError, Source, UnreadableImageError, Views, count_work, find_sources, load_views
 from .model import BACKENDS, Fast3R
 from .video import UnreadableVideoError
 
@@ -45,6 +55,8 @@ RANDOM_WEIGHTS_WARNING = (
     "*  it only exercises the pipeline. For real reconstructions pass\n"
     f"*  --checkpoint {RELEASED_WEIGHTS} (needs `pip install huggingface_hub`).\n" + "*" * 78
 )
+TRACEBACK_VARIABLE = "FAST3R_TRACEBACK"
+INTERRUPTED = 130  # 128 + SIGINT, as shells report a command ended by Ctrl-C
 
 
 class CommandError(Exception):
@@ -59,13 +71,9 @@ class NoWeightsError(CommandError):
     pass
 
 
-class OutputDirError(CommandError):
-    pass
-
-
-# Errors that name bad input; main() prints them without a traceback.
-USER_ERRORS = (CommandError, NoImagesFoundError, UnreadableImageError, UnreadableVideoError, FileNotFoundError,
-               CheckpointError)
+# Errors that name bad input or a bad environment (a full disk, a missing file); main() prints them, status 2.
+USER_ERRORS = (CommandError, NoImagesFoundError, UnreadableImageError, UnreadableVideoError, CheckpointError,
+               exporting.ExportError, ValueError, OSError)
 
 
 @dataclass
@@ -79,15 +87,16 @@ class Summary:
 
 
 # ------------------------------------------------------------------------------ parsing
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fast3r", description="Fast3R: 3-D reconstruction from many unposed images.")
-    commands = parser.add_subparsers(dest="command", required=True)
+def add_reconstruct(commands: argparse._SubParsersAction) -> None:
     rec = commands.add_parser(
         "reconstruct", help="images, folders or videos -> cameras, point cloud, COLMAP / nerfstudio models",
         description="Reconstruct a scene from images, folders of images and videos in one forward pass, "
                     "estimate the cameras, and write the files other 3-D tools open.")
     rec.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders of images, video files")
-    rec.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory (created if needed)")
+    rec.add_argument("--out", required=True, type=Path, metavar="DIR",
+                     help="output directory: new or empty, or a previous run's with --overwrite")
+    rec.add_argument("--overwrite", action="store_true",
+                     help="replace the previous run's whole set of files in --out (never files it did not write)")
     weights = rec.add_mutually_exclusive_group()
     weights.add_argument("--checkpoint", metavar="PATH_OR_HUB_ID",
                          help=f"a directory with model.safetensors + config.json, or a hub id ({RELEASED_WEIGHTS})")
@@ -103,18 +112,33 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--max-views", type=_positive(int), metavar="N", help="keep N views evenly spread over all inputs")
     rec.add_argument("--cameras", choices=METHODS, default="pnp",
                      help="pnp: the official RANSAC PnP (CPU threads); procrustes: closed form on the GPU")
+    rec.add_argument("--focal", type=_positive(float), metavar="F",
+                     help="known focal length in pixels of the views as the model sees them (images/ in --out), "
+                          "for every view; estimated if not given")
     rec.add_argument("--export", type=_formats, default=list(exporting.FORMATS), metavar="FORMATS",
                      help=f"comma-separated, from {','.join(exporting.FORMATS)} (default: all)")
     rec.add_argument("--conf-percentile", type=_percentile, default=exporting.DEFAULT_CONF_PERCENTILE, metavar="P",
                      help="point clouds keep each view's points above this confidence percentile (default 10)")
+    rec.set_defaults(run=run_reconstruct)
+
+
+# `fast3r view`, `fast3r train`, ...: one add_* function each, like add_reconstruct.
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_reconstruct,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fast3r", description="Fast3R: 3-D reconstruction from many unposed images.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(commands)
     return parser
 
 
 def _positive(kind: type):
     def parse(text: str):
         value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{text} is not > 0")
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number > 0")
         return value
 
     parse.__name__ = kind.__name__
@@ -122,12 +146,10 @@ def _positive(kind: type):
 
 
 def _formats(text: str) -> list[str]:
-    formats = [f.strip().lower() for f in text.split(",") if f.strip()]
-    unknown = [f for f in formats if f not in exporting.FORMATS]
-    if unknown or not formats:
-        raise argparse.ArgumentTypeError(f"unknown format(s) {unknown or text!r}; choose from "
-                                         f"{','.join(exporting.FORMATS)}")
-    return formats
+    try:
+        return exporting.parse_formats(text)
+    except exporting.ExportError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def _percentile(text: str) -> float:
@@ -140,24 +162,52 @@ def _percentile(text: str) -> float:
 # ------------------------------------------------------------------------------ running
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fast3r`` console command; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
+    prog = f"fast3r {args.command}"
+    with _warnings_as_lines(prog):
+        try:
+            return args.run(args)
+        except KeyboardInterrupt:
+            _print(f"{prog}: interrupted")
+            return INTERRUPTED
+        except USER_ERRORS as err:
+            _print(f"{prog}: error: {err}")
+            return 2
+        except (torch.OutOfMemoryError, MemoryError) as err:
+            first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+            _print(f"{prog}: error: out of memory ({first_line}); pass fewer views (--max-views N), smaller ones "
+                   "(--size 224), or use a device with more memory")
+            _traceback_on_request()
+            return 1
+        except Exception as err:  # noqa: BLE001 - a bug: one line by default, the traceback on request
+            _print(f"{prog}: error: unexpected {type(err).__name__}: {err} (set {TRACEBACK_VARIABLE}=1 to see "
+                   "where; please report it)")
+            _traceback_on_request()
+            return 1
+
+
+def run_reconstruct(args: argparse.Namespace) -> int:
+    """``fast3r reconstruct``: every check that needs no model first, then the work; prints the summary."""
+    sources = find_sources(args.inputs)
+    require_packages(args, has_video=any(s.kind == "video" for s in sources))
+    work = count_work(sources)  # opens every video: an unreadable one fails here, before the model loads
+    exporting.check_output_dir(args.out, overwrite=args.overwrite)  # a previous run or foreign files: refused now
+    created = exporting.make_output_dir(args.out)  # a folder that cannot be made fails now, not after the forward
     try:
-        summary = reconstruct(args)
-    except USER_ERRORS as err:
-        print(f"fast3r {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        summary = reconstruct(args, sources, work)
+    except BaseException:
+        exporting.remove_created(created)
+        raise
     print_summary(summary, args.out)
     return 0
 
 
-def reconstruct(args: argparse.Namespace) -> Summary:
-    """Run the whole command; raises the named errors of this module, ``fast3r.inputs`` and ``fast3r.video``."""
-    sources = find_sources(args.inputs)
-    require_packages(args, has_video=any(s.kind == "video" for s in sources))
+def reconstruct(args: argparse.Namespace, sources: Sequence[Source], work: int | None) -> Summary:
+    """Decode, forward, cameras, export; raises the named errors of this module and the ones it calls."""
     from tqdm import tqdm
 
-    work = count_work(sources)  # opens every video: an unreadable one fails here, before the model loads
-    check_output(args.out)
     summary = Summary(random_weights=args.random_weights)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backend = choose_backend(args.backend, device)
@@ -170,7 +220,7 @@ def reconstruct(args: argparse.Namespace) -> Summary:
     with _timed(summary, "decode"), tqdm(total=work, desc="decode", unit="frame") as bar:
         views: Views = load_views(sources, size=args.size, fps=args.fps, every=args.every,
                                   max_views=args.max_views, on_decoded=bar.update)
-        bar.total = bar.n  # containers may state a frame count the decoder does not reach
+        bar.total = bar.n  # containers may state a frame more than decodes; a truncated video is warned about
     summary.views, summary.image_sizes = len(views.images), [tuple(v.shape[1:]) for v in views.images]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -183,10 +233,13 @@ def reconstruct(args: argparse.Namespace) -> Summary:
     summary.seconds.update(progress.seconds)
 
     with _timed(summary, "cameras"), tqdm(total=len(preds), desc=f"cameras ({args.cameras})", unit="view") as bar:
-        cameras = estimate_cameras(preds, method=args.cameras, progress=bar.update)
+        cameras = estimate_cameras(preds, method=args.cameras, focal=args.focal, progress=bar.update)
+    run_info = {"command": shlex.join(["fast3r", *args.argv]), "random_weights": args.random_weights,
+                "checkpoint": args.checkpoint, "size": args.size, "cameras": args.cameras}
     with _timed(summary, "export"), tqdm(total=exporting.export_steps(args.export), desc="export", unit="file") as bar:
-        summary.files = exporting.export(make_output(args.out), args.export, preds=preds, images=views.images, names=views.names,
+        summary.files = exporting.export(args.out, args.export, preds=preds, images=views.images, names=views.names,
                                          cameras=cameras, conf_percentile=args.conf_percentile,
+                                         overwrite=args.overwrite, metadata=run_info,
                                          on_step=lambda step: (bar.set_postfix_str(step), bar.update()))
     if device.type == "cuda":
         summary.peak_gpu_bytes = torch.cuda.max_memory_allocated(device)
@@ -210,22 +263,6 @@ def require_packages(args: argparse.Namespace, *, has_video: bool) -> None:
             f"(or pip install \"fast3r-kernels[{EXTRA}]\")")
 
 
-def check_output(out: Path) -> None:
-    """Refuse an output path that is a file before any work; the directory is made only when there is output."""
-    if out.exists() and not out.is_dir():
-        raise OutputDirError(f"--out {out} is a file; pass a directory (it is created if missing)")
-
-
-def make_output(out: Path) -> Path:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputDirError(f"cannot create output directory {out}: {err}") from err
-    if not os.access(out, os.W_OK):
-        raise OutputDirError(f"output directory {out} is not writable")
-    return out
-
-
 def choose_backend(backend: str | None, device: torch.device) -> str:
     if backend is None:
         return "triton" if device.type == "cuda" else "torch"
@@ -243,9 +280,36 @@ def load_model(args: argparse.Namespace, backend: str, device: torch.device, dty
             "no model weights: pass --checkpoint with the released weights, either the hub id "
             f"{RELEASED_WEIGHTS} (downloaded on first use; needs `pip install huggingface_hub`) or a local "
             "directory holding model.safetensors and config.json (e.g. from "
-            f"`huggingface-cli download {RELEASED_WEIGHTS} --local-dir DIR`); or --random-weights to test "
-            "the pipeline with an untrained tiny model")
+            f"`hf download {RELEASED_WEIGHTS} --local-dir DIR`, hf comes with huggingface_hub); or "
+            "--random-weights to test the pipeline with an untrained tiny model")
     return Fast3R.from_pretrained(args.checkpoint, backend=backend, device=device, dtype=dtype)
+
+
+def _print(line: str) -> None:
+    """A line on stderr that does not break a tqdm bar drawn there."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        print(line, file=sys.stderr)
+    else:
+        tqdm.write(line, file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _warnings_as_lines(prog: str) -> Iterator[None]:
+    """Show each warning as one ``PROG: warning: ...`` line (no file, line number or source)."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        _print(f"{prog}: warning: {message}")
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("default", category=UserWarning)  # each once per place, even if shown before
+        warnings.showwarning = show
+        yield
+
+
+def _traceback_on_request() -> None:
+    if os.environ.get(TRACEBACK_VARIABLE, "") not in ("", "0"):
+        traceback.print_exc()
 
 
 # ------------------------------------------------------------------------------ progress

@@ -12,6 +12,8 @@ Pillow reads 16-bit RGB PNGs) instead of clipped to white, and an image too elon
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -67,15 +69,39 @@ def _load(path: str | os.PathLike, size: int) -> torch.Tensor:
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path} is a directory; pass its image files, e.g. sorted(Path(dir).glob('*.jpg'))")
     try:
-        with Image.open(path) as img:
-            img.load()  # decode now, so a truncated file fails here, with its name
-            return preprocess_image(img, size)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()  # decode now, so a truncated file fails here, with its name
+                pixels = preprocess_image(img, size)
+        for warning in caught:  # Pillow's own does not say which file; ours does
+            if issubclass(warning.category, Image.DecompressionBombWarning):
+                w, h = img.size
+                warnings.warn(f"image {path} has {w * h} pixels, over Pillow's decompression-bomb warning limit of "
+                              f"{Image.MAX_IMAGE_PIXELS}: decoding it takes about {3 * w * h / 2**30:.1f} GiB",
+                              UserWarning, stacklevel=3)
+            else:
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        return pixels
+    except Image.DecompressionBombError as err:
+        raise ValueError(
+            f"image {path} has {_pixel_count(err)} pixels, more than twice Pillow's decompression-bomb limit of "
+            f"{Image.MAX_IMAGE_PIXELS} (a guard against files that decode to huge images). If you trust the file, "
+            "downscale it (it is resized to 512 or 224 anyway), or in Python lift the guard before loading: "
+            "PIL.Image.MAX_IMAGE_PIXELS = None"
+        ) from err
     except FileNotFoundError as err:
         raise FileNotFoundError(f"image {path} does not exist") from err
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"cannot read image {path} ({err}); pass a PNG, JPEG or other file Pillow can decode") from err
     except ValueError as err:
         raise ValueError(f"image {path}: {err}") from err
+
+
+def _pixel_count(err: Exception) -> str:
+    """The pixel count in Pillow's DecompressionBombError message ('Image size (N pixels) exceeds ...')."""
+    match = re.search(r"\((\d+) pixels\)", str(err))
+    return match[1] if match else "too many"
 
 
 def _upright(image: Image.Image) -> Image.Image:
@@ -105,7 +131,7 @@ def _check_aspect(w: int, h: int, size: int) -> None:
         raise ValueError(
             f"a {w}x{h} image resized to a long side of 512 keeps {short} pixels on "
             f"its short side, less than one {PATCH}-pixel patch; crop it to an aspect ratio of at most "
-            f"{512 // PATCH}:1 or use size=224"
+            f"{512 // PATCH}:1 or use size=224 (fast3r reconstruct: --size 224)"
         )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -55,8 +56,10 @@ def find_sources(inputs: Sequence[str | os.PathLike]) -> list[Source]:
                      if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in (*IMAGE_EXTENSIONS,
                                                                                             *VIDEO_EXTENSIONS)]
             if not found:
+                folders = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+                hint = f"; subfolders are not searched: pass them ({', '.join(folders[:5])})" if folders else ""
                 raise NoImagesFoundError(f"no images found in folder {path} (looked for "
-                                         f"{', '.join(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)})")
+                                         f"{', '.join(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)}){hint}")
             sources += found
         elif path.is_file():
             sources.append(_source(path))
@@ -64,7 +67,22 @@ def find_sources(inputs: Sequence[str | os.PathLike]) -> list[Source]:
             raise FileNotFoundError(f"input {path} does not exist")
     if not sources:
         raise NoImagesFoundError("no images found: pass image files, folders of images, or videos")
-    return sources
+    return _once_each(sources)
+
+
+def _once_each(sources: list[Source]) -> list[Source]:
+    """Each file once, at its first place (a file given alone and in its folder, overlapping globs), with a warning."""
+    first: dict[Path, Source] = {}
+    counts: dict[Path, int] = {}
+    for source in sources:
+        key = source.path.resolve()
+        first.setdefault(key, source)
+        counts[key] = counts.get(key, 0) + 1
+    repeated = [f"{first[key].path} is given {n} times" for key, n in counts.items() if n > 1]
+    if repeated:
+        warnings.warn(f"{'; '.join(repeated[:5])}: each file is read once, at its first place", UserWarning,
+                      stacklevel=3)
+    return list(first.values())
 
 
 def count_work(sources: Sequence[Source]) -> int | None:

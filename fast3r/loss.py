@@ -30,11 +30,13 @@ def fast3r_loss(
         ``pts3d_local`` / ``conf_local`` when the model has a local head.
     gts: per view, ``pts3d`` (B, H, W, 3) world points, ``valid_mask`` (B, H, W) and
         ``camera_pose`` (B, 4, 4) camera-to-world. Points at invalid pixels are never read
-        (NaN there is fine); at valid pixels they must be finite, and poses invertible.
+        (NaN there is fine); at valid pixels they must be finite, and poses rigid (rotation,
+        translation, last row [0, 0, 0, 1]).
     Returns the scalar loss and per-term values: ``conf_global/ii`` and ``regr_global/ii``
     (the conf-weighted term and the plain mean distance), and likewise ``*_local/ii``.
     Raises ValueError naming the view and key for missing keys, mismatched shapes,
-    non-finite ground truth at a valid pixel or a singular pose.
+    non-finite ground truth at a valid pixel, a pose that is not rigid, or a confidence
+    <= 0 at a valid pixel (its log would be infinite).
     """
     check_loss_inputs(preds, gts)
     valid = [gt["valid_mask"].bool() for gt in gts]

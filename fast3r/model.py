@@ -255,6 +255,13 @@ class Fast3R(nn.Module):
         checkpoint.load_strict(model, checkpoint.read_state_dict(weights), str(weights))
         return model.to(device=device, dtype=dtype).eval()
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As ``nn.Module``'s; strict loading names every bad key or non-finite tensor (``checkpoint.load_strict``)
+        and takes either name of a weight shared under two, as safetensors files hold them."""
+        if not strict:
+            return super().load_state_dict(state_dict, strict=False, assign=assign)
+        return checkpoint.load_strict(self, dict(state_dict), "state_dict", assign=assign)
+
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``config.json`` and ``model.safetensors`` in the official layout."""
         return checkpoint.save(self, self.config, directory)

@@ -20,13 +20,30 @@ NORMALIZE_HINT = (
     "the uint8 RGB tensor itself (normalized inside the model, the fastest path)."
 )
 GT_SHAPES = {"pts3d": "(B, H, W, 3)", "valid_mask": "(B, H, W)", "camera_pose": "(B, 4, 4)"}
+# A pose is rigid when R^T R = I and its last row is [0, 0, 0, 1] to this tolerance: float32 rounding and poses
+# read from 6-digit text files pass; a shear, a scale or a projective row does not.
+RIGID_TOLERANCE = 1e-3
+NONFINITE = 1
+POSE_DEFECTS = {
+    NONFINITE: "holds NaN or Inf",
+    2: "has a last row other than [0, 0, 0, 1]",
+    3: "has a 3x3 block that is not a rotation (R^T R != I: a shear, a scale or a lost axis)",
+    4: "has a 3x3 block of determinant -1 (a reflection: one axis flipped)",
+}
+RIGID_HINT = ("Pass rigid camera-to-world poses: a rotation R (R^T R = I, det R = +1), a translation, and the last "
+              "row [0, 0, 0, 1]; divide out a scale, and change axis conventions by a rotation, not a flip.")
 
 
 def describe_views(indices: Sequence[int], verb: str) -> str:
     """'view 3 holds' / 'views 0, 4, 9, 12, 13 and 7 more hold': names the first few offending views."""
+    return f"{name_views(indices)} {verb}" if len(indices) > 1 else f"{name_views(indices)} {verb}s"
+
+
+def name_views(indices: Sequence[int]) -> str:
+    """'view 3' / 'views 0, 4, 9, 12, 13 and 7 more'."""
     shown = ", ".join(str(i) for i in indices[:SHOWN])
     more = f" and {len(indices) - SHOWN} more" if len(indices) > SHOWN else ""
-    return f"views {shown}{more} {verb}" if len(indices) > 1 else f"view {shown} {verb}s"
+    return f"views {shown}{more}" if len(indices) > 1 else f"view {shown}"
 
 
 def capturing(tensor: torch.Tensor) -> bool:
@@ -115,35 +132,63 @@ def check_loss_inputs(preds: Sequence[Mapping[str, torch.Tensor]], gts: Sequence
             _require_shape(pred[key], expected[key], f"prediction of view {i}", key)
         for key, shape in (("pts3d", (b, h, w, 3)), ("valid_mask", (b, h, w)), ("camera_pose", (b, 4, 4))):
             _require_shape(gt[key], shape, f"ground truth of view {i}", key)
-    check_ground_truth_values(gts)
+    check_loss_values(preds, gts)
 
 
-def check_ground_truth_values(gts: Sequence[Mapping[str, torch.Tensor]]) -> None:
-    """Points finite at every valid pixel, camera poses finite and invertible; one host transfer for all views."""
+def check_loss_values(preds: Sequence[Mapping[str, torch.Tensor]], gts: Sequence[Mapping[str, torch.Tensor]]) -> None:
+    """Points finite at every valid pixel, poses rigid, confidences > 0 at valid pixels; one host transfer for all.
+
+    A confidence <= 0 makes ``log(conf)`` infinite: the loss inf and its gradients NaN.
+    """
     first = gts[0]["pts3d"]
     if capturing(first):
         return
+    conf_keys = ("conf", "conf_local") if "conf_local" in preds[0] else ("conf",)
     with torch.no_grad():
         flags = []
-        for gt in gts:
-            points_ok = torch.isfinite(gt["pts3d"]).all(-1) | ~gt["valid_mask"].bool()
-            pose = gt["camera_pose"].float()
-            inverse, info = torch.linalg.inv_ex(pose)
-            flags.append(torch.stack([(~points_ok).sum(), (~torch.isfinite(pose)).sum(),
-                                      ((info != 0) | ~torch.isfinite(inverse).flatten(1).all(1)).sum()]).to(first.device))
-        bad_points, bad_poses, singular = torch.stack(flags).cpu().T.tolist()
-    for i, count in enumerate(bad_points):
-        if count:
-            raise ValueError(f"ground truth of view {i}: pts3d holds NaN or Inf at {count} valid pixel(s); "
+        for pred, gt in zip(preds, gts):
+            valid = gt["valid_mask"].bool()
+            points_ok = torch.isfinite(gt["pts3d"]).all(-1) | ~valid
+            defects = pose_defects(gt["camera_pose"])
+            counts = [(~points_ok).sum(), *[((pred[k] <= 0) & valid).sum() for k in conf_keys],
+                      *[(defects == code).sum() for code in POSE_DEFECTS]]
+            flags.append(torch.stack(counts).to(first.device))
+        counts = torch.stack(flags).cpu().tolist()
+    for i, (bad_points, *rest) in enumerate(counts):
+        if bad_points:
+            raise ValueError(f"ground truth of view {i}: pts3d holds NaN or Inf at {bad_points} valid pixel(s); "
                              "mark them invalid in valid_mask (the loss ignores invalid pixels) or repair them")
-    for i, (nonfinite, singular_count) in enumerate(zip(bad_poses, singular)):
-        if nonfinite:
-            raise ValueError(f"ground truth of view {i}: camera_pose holds NaN or Inf; pass finite camera-to-world "
-                             "poses (B, 4, 4)")
-        if singular_count:
-            raise ValueError(f"ground truth of view {i}: camera_pose is singular in {singular_count} scene(s) and "
-                             "cannot be inverted; pass rigid camera-to-world poses (rotation, translation, last row "
-                             "[0, 0, 0, 1])")
+        for key, count in zip(conf_keys, rest):
+            if count:
+                raise ValueError(f"prediction of view {i}: {key} is <= 0 at {count} valid pixel(s), where the loss "
+                                 f"takes log({key}); confidences must be > 0 (the model's are 1 + exp(x) >= 1)")
+        for defect, count in zip(POSE_DEFECTS.values(), rest[len(conf_keys):]):
+            if count:
+                what = f"camera_pose {defect}" if defect == POSE_DEFECTS[NONFINITE] else \
+                    f"camera_pose is not rigid in {count} scene(s): it {defect}"
+                raise ValueError(f"ground truth of view {i}: {what}. {RIGID_HINT}")
+
+
+# ---------------------------------------------------------------------------------------------- poses
+def pose_defects(poses: torch.Tensor, tolerance: float = RIGID_TOLERANCE) -> torch.Tensor:
+    """(..., 4, 4) poses -> (...) int64: 0 for a rigid pose, else the first key of POSE_DEFECTS that applies.
+
+    Rigid: finite, last row [0, 0, 0, 1] and a 3x3 block R with R^T R = I and det R = +1, each within
+    ``tolerance``. Computed on the poses' device; no host transfer.
+    """
+    poses = poses.to(torch.float64)
+    finite = torch.isfinite(poses).flatten(-2).all(-1)
+    poses = torch.where(finite[..., None, None], poses, 0.0)
+    unit_row = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=poses.dtype, device=poses.device)
+    last_row = (poses[..., 3, :] - unit_row).abs().amax(-1) > tolerance
+    rotation = poses[..., :3, :3]
+    eye = torch.eye(3, dtype=poses.dtype, device=poses.device)
+    not_orthonormal = (rotation.transpose(-1, -2) @ rotation - eye).abs().flatten(-2).amax(-1) > tolerance
+    reflection = torch.linalg.det(rotation) < 0
+    codes = torch.zeros(finite.shape, dtype=torch.int64, device=poses.device)
+    for code, bad in reversed(list(zip(POSE_DEFECTS, (~finite, last_row, not_orthonormal, reflection)))):
+        codes = torch.where(bad, code, codes)
+    return codes
 
 
 def _require_keys(entry: Mapping[str, torch.Tensor], keys: Sequence[str], what: str, expected: str) -> None:

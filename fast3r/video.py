@@ -8,7 +8,9 @@ resampling), so decoding and preprocessing overlap.
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +24,10 @@ from .images import preprocess_image
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp", ".ts")
 DEFAULT_FPS = 1.0  # the official demo samples videos at one frame per second
+MAX_FPS = 1e6  # any fps above a video's frame rate keeps every frame; bounds the grid arithmetic
+TIME_TOLERANCE = 1e-6  # seconds: frame times are rounded to the stream's time base
+# Containers may state a frame or two more than decode (an edit list); more missing than this is a truncated file.
+MISSING_FRAMES, MISSING_FRACTION = 2, 0.02
 
 
 class UnreadableVideoError(ValueError):
@@ -62,17 +68,24 @@ def read_frames(
         raise ValueError("pass fps or every, not both")
     if fps is None and every is None:
         fps = DEFAULT_FPS
-    if (fps is not None and not fps > 0) or (every is not None and every < 1):
-        raise ValueError(f"fps must be > 0 and every >= 1; got fps={fps}, every={every}")
+    if fps is not None and not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
+        raise ValueError(f"fps must be a finite number > 0; got fps={fps!r}")
+    if every is not None and not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
+        raise ValueError(f"every must be an integer >= 1; got every={every!r}")
     workers = os.cpu_count() or 1
     frames, pending = [], deque()
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for index, frame in _kept_frames(path, fps, every, on_decoded):
-            pending.append((index, pool.submit(_prepare, frame, size)))
-            if len(pending) > 2 * workers:  # bound the decoded full-size frames held in memory
-                index, job = pending.popleft()
-                frames.append((index, job.result()))
-        frames += [(index, job.result()) for index, job in pending]
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for index, frame in _kept_frames(path, fps, every, on_decoded):
+                pending.append((index, pool.submit(_prepare, frame, size)))
+                if len(pending) > 2 * workers:  # bound the decoded full-size frames held in memory
+                    index, job = pending.popleft()
+                    frames.append((index, job.result()))
+            frames += [(index, job.result()) for index, job in pending]
+    except UnreadableVideoError:
+        raise
+    except ValueError as err:  # the preprocessing's (an aspect ratio too extreme): name the video
+        raise UnreadableVideoError(f"video {path}: {err}") from err
     if not frames:
         raise UnreadableVideoError(f"video {path} has no decodable frames")
     return frames
@@ -80,31 +93,44 @@ def read_frames(
 
 def _kept_frames(path: str | os.PathLike, fps: float | None, every: int | None,
                  on_decoded: Callable[[int], object] | None) -> Iterator[tuple[int, object]]:
-    """Decoded ``av.VideoFrame`` objects that the fps / every rule keeps, with their index in the stream."""
+    """Decoded ``av.VideoFrame`` objects that the fps / every rule keeps, with their index in the stream.
+
+    By time, frames are kept on a grid of 1/fps seconds from the first: a frame is kept once the
+    next grid point is reached, and the grid point after it is computed, not stepped to (any finite
+    fps ends; one above the video's frame rate keeps every frame). A stream that ends well before
+    the frame count its container states (a truncated file) gets a warning.
+    """
     import av
 
-    next_time = None
+    fps = None if fps is None else min(fps, MAX_FPS)
+    start = next_time = None
+    decoded = 0
     with _open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         rate = float(stream.average_rate or stream.guessed_rate or 30)
         try:
             for index, frame in enumerate(container.decode(stream)):
+                decoded += 1
                 if on_decoded is not None:
                     on_decoded(1)
                 if every is not None:
                     keep = index % every == 0
                 else:
                     time = frame.time if frame.time is not None else index / rate
-                    keep = next_time is None or time >= next_time - 1e-6
+                    keep = next_time is None or time >= next_time - TIME_TOLERANCE
                     if keep:
-                        next_time = (next_time if next_time is not None else time) + 1 / fps
-                        while next_time <= time:
-                            next_time += 1 / fps
+                        start = time if start is None else start
+                        next_time = start + (math.floor((time - start + TIME_TOLERANCE) * fps) + 1) / fps
                 if keep:
                     yield index, frame
         except av.error.FFmpegError as err:
             raise UnreadableVideoError(f"cannot decode video {path} ({err})") from err
+        stated = stream.frames
+    if stated and stated - decoded > max(MISSING_FRAMES, MISSING_FRACTION * stated):
+        warnings.warn(f"video {path}: decoded {decoded} of the {stated} frames its container states; the file looks "
+                      f"truncated (an interrupted copy or download?): only its first {decoded} frames are used",
+                      UserWarning, stacklevel=4)
 
 
 def _prepare(frame, size: int) -> torch.Tensor:

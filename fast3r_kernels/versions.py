@@ -7,14 +7,23 @@ lists the same ones (tests/test_environment.py holds the two together). Triton's
 language changes between minor releases, so anything else gets a warning, not a refusal:
 ``python -m fast3r_kernels`` then tells whether the kernels work on that machine.
 
+The warning is given where the kernels can run: with a CUDA (or ROCm) build of torch, or in
+Triton's interpreter (TRITON_INTERPRET=1). A CPU build of torch pins no Triton, so
+``pip install torch==2.13.0 -e .`` there resolves the newest one (3.9.0 today); the kernels
+cannot run on such a machine outside the interpreter, so importing stays silent, and the
+environment report still names the Triton untested.
+
 ``fast3r_kernels/__init__.py`` imports this module first, so the check runs once, before the
 kernel modules import Triton's APIs (an incompatible Triton may fail right there).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
+
+import torch
 
 TESTED_TRITON = ("3.6", "3.7")  # major.minor
 
@@ -42,9 +51,16 @@ def is_tested(version: str) -> bool:
     return major_minor(version) in TESTED_TRITON
 
 
+def kernels_can_run() -> bool:
+    """A GPU build of torch (CUDA or ROCm), or Triton's interpreter: where the kernels would compile and run."""
+    interpreter = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
+    return interpreter or torch.version.cuda is not None or torch.version.hip is not None
+
+
 def warn_if_untested(version: str) -> None:
-    """One UntestedTritonWarning naming the tested releases when Triton ``version`` is not among them."""
-    if is_tested(version):
+    """One UntestedTritonWarning naming the tested releases when Triton ``version`` is not among them and the
+    kernels can run here (``kernels_can_run``)."""
+    if is_tested(version) or not kernels_can_run():
         return
     warnings.warn(
         f"fast3r_kernels is tested on Triton {' and '.join(TESTED_TRITON)}, but Triton {version} is installed: "

@@ -161,3 +161,89 @@ def test_procrustes_on_the_gpu_matches_the_cpu(fresh_seed):
     assert gpu["cam2world"].device.type == "cpu"
     torch.testing.assert_close(gpu["cam2world"], cpu["cam2world"], atol=1e-6, rtol=0)
     torch.testing.assert_close(gpu["intrinsics"], cpu["intrinsics"], atol=1e-6, rtol=1e-9)
+
+
+def caught_warnings(fn):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fn()
+    return result, [str(w.message) for w in caught]
+
+
+def test_procrustes_with_zero_confidence_fits_with_equal_weights_and_warns(fresh_seed):
+    """All-zero weights leave the alignment undetermined: equal weights, named views, true poses."""
+    scene = synthetic_scene(n_views=4, seed=fresh_seed)
+    for key in ("conf", "conf_local"):
+        scene["preds"][2][key] = torch.zeros_like(scene["preds"][2][key])
+    scene["preds"][3]["conf_local"] = torch.zeros_like(scene["preds"][3]["conf_local"])
+    result, messages = caught_warnings(lambda: fast3r.estimate_cameras(scene["preds"], method="procrustes"))
+    assert any("confidence is zero at every finite point of views 2, 3" in m and "equal weights" in m
+               for m in messages), messages
+    rotation, centre, focal = errors(result, scene)
+    assert rotation <= EXACT_DEGREES and centre <= EXACT_BASELINE and focal <= EXACT_FOCAL, (rotation, centre, focal)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_view_without_finite_points_gets_a_nan_camera_and_a_warning(method, fresh_seed):
+    scene = synthetic_scene(n_views=4, seed=fresh_seed)
+    for key in ("pts3d_in_other_view", "pts3d_local"):
+        scene["preds"][2][key] = torch.full_like(scene["preds"][2][key], float("nan"))
+    result, messages = caught_warnings(lambda: fast3r.estimate_cameras(scene["preds"], method=method))
+    assert any("view 2 has fewer than 4 finite points" in m and "NaN" in m for m in messages), messages
+    assert not any("PnP failed" in m for m in messages), messages
+    assert torch.isnan(result["cam2world"][2]).all()
+    others = [0, 1, 3]
+    rotation, centre = pose_errors(result["cam2world"][others], scene["cam2world"][others])
+    assert float(rotation.max()) <= EXACT_DEGREES and float(centre.max()) <= EXACT_BASELINE * scene["baseline"]
+    if method == "procrustes":  # its focal comes from the view itself
+        assert torch.isnan(result["intrinsics"][2, 0, 0])
+
+
+def test_pnp_without_a_usable_view_zero_says_what_to_pass(fresh_seed):
+    scene = synthetic_scene(n_views=3, seed=fresh_seed)
+    scene["preds"][0]["pts3d_in_other_view"] = torch.full_like(scene["preds"][0]["pts3d_in_other_view"], float("nan"))
+    with pytest.raises(ValueError, match=r"view 0 has fewer than 4 finite points.*focal=.*--cameras procrustes"):
+        fast3r.estimate_cameras(scene["preds"], method="pnp")
+    with pytest.warns(UserWarning, match="view 0 has fewer than 4 finite points"):
+        given = fast3r.estimate_cameras(scene["preds"], method="pnp", focal=float(scene["focals"][0]))
+    assert torch.isnan(given["cam2world"][0]).all() and torch.isfinite(given["cam2world"][1:]).all()
+
+
+def test_a_transposed_confidence_is_refused(fresh_seed):
+    scene = synthetic_scene(n_views=2, seed=fresh_seed)  # 48 x 64 views
+    scene["preds"][1]["conf_local"] = scene["preds"][1]["conf_local"].T.contiguous()
+    with pytest.raises(ValueError, match=r"preds\[1\]: conf_local has shape \(64, 48\).*transposed"):
+        fast3r.estimate_cameras(scene["preds"], method="procrustes")
+
+
+@pytest.mark.parametrize("key", ["conf", "conf_local"])
+def test_negative_confidence_is_refused(fresh_seed, key):
+    scene = synthetic_scene(n_views=2, seed=fresh_seed)
+    scene["preds"][1][key][3, 4] = -2.0
+    with pytest.raises(ValueError, match=rf"preds\[1\]: {key} holds negative values"):
+        fast3r.estimate_cameras(scene["preds"], method="procrustes")
+
+
+def test_pnp_fallback_warnings_name_the_views_of_the_scene(monkeypatch, fresh_seed):
+    """The fallback runs on the failed views alone; what it reports must still use the scene's view numbers."""
+    scene = synthetic_scene(n_views=4, seed=fresh_seed)
+    scene["preds"][3]["conf_local"] = torch.zeros_like(scene["preds"][3]["conf_local"])
+    solve = cameras._solve_pnp
+    monkeypatch.setattr(cameras, "_solve_pnp", lambda cv2, points, pixels, focal, hw: None if
+                        float(points[0, 0]) in failing else solve(cv2, points, pixels, focal, hw))
+    top = cameras._most_confident(scene["preds"], [2, 3], 48, 64)[0]
+    failing = {float(top[0, 0, 0]), float(top[1, 0, 0])}  # views 2 and 3, recognised by their points
+    result, messages = caught_warnings(lambda: fast3r.estimate_cameras(scene["preds"], method="pnp"))
+    assert any("PnP failed for views [2, 3]" in m for m in messages), messages
+    assert any("views 3" in m or "view 3" in m for m in messages if "equal weights" in m), messages
+    assert not any("[0]" in m or "[1]" in m or "view 0 " in m or "view 1 " in m for m in messages), messages
+    rotation, centre, _ = errors(result, scene)
+    assert rotation <= EXACT_DEGREES and centre <= EXACT_BASELINE
+
+
+def test_focal_clamp_warning_says_how_to_give_the_focal_in_python_and_on_the_command_line(fresh_seed):
+    scene = synthetic_scene(n_views=2, seed=fresh_seed)
+    flat = [{**p, "pts3d_in_other_view": p["pts3d_in_other_view"] * torch.tensor([1e-6, 1e-6, 1.0])}
+            for p in scene["preds"]]
+    _, messages = caught_warnings(lambda: fast3r.estimate_cameras(flat, method="pnp"))
+    assert any("focal=" in m and "--focal" in m for m in messages), messages

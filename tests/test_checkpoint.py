@@ -288,3 +288,41 @@ def test_scale_views_records_the_checkpoint_preset_and_dtype(tmp_path):
     doc = scale_views.run(args)
     assert (doc["preset"], doc["dtype"]) == ("custom", "float32")
     assert doc["records"][0]["seconds"] > 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weight_names_the_key(tmp_path, bad):
+    """One NaN weight makes every output NaN: refused at load, naming the tensor."""
+    model = randomized_tiny()
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    key = "encoder.blocks.0.mlp.fc1.weight" if "encoder.blocks.0.mlp.fc1.weight" in state else sorted(state)[5]
+    state[key][0, 0] = bad
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"NaN or Inf in 1 tensor.*{key.replace('.', '[.]')}"):
+        Fast3R.from_pretrained(tmp_path)
+
+
+def test_load_state_dict_names_extra_missing_and_non_finite_keys():
+    model, source = Fast3R("tiny"), randomized_tiny()
+    state = dict(source.state_dict())
+    state["decoder.extra.weight"] = torch.randn(3)
+    with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): decoder\.extra\.weight") as err:
+        model.load_state_dict(state)
+    assert isinstance(err.value, RuntimeError)  # what nn.Module.load_state_dict raises, for code that catches it
+    del state["decoder.extra.weight"]
+    key = next(iter(state))
+    state[key] = state[key].clone().fill_(float("nan"))
+    with pytest.raises(CheckpointError, match=rf"NaN or Inf.*{key.replace('.', '[.]')}"):
+        model.load_state_dict(state)
+
+
+def test_load_state_dict_takes_either_name_of_a_shared_weight():
+    """safetensors keeps one name of the DPT weights shared under two; load_state_dict accepts that file's dict."""
+    source, model = randomized_tiny(), Fast3R("tiny")
+    state = {k: v for k, v in source.state_dict().items() if ".layer_rn." not in k}
+    assert len(state) < len(source.state_dict())
+    model.load_state_dict(state)
+    assert_same_weights(model, source)
+    result = Fast3R("tiny").load_state_dict({"decoder.extra.weight": torch.randn(3)}, strict=False)
+    assert result.unexpected_keys == ["decoder.extra.weight"] and result.missing_keys

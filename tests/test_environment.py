@@ -72,6 +72,29 @@ def test_importing_the_package_warns_once_about_an_untested_triton():
     assert "3.6 and 3.7" in result.stderr
 
 
+def test_a_cpu_build_of_torch_imports_silently_with_any_triton():
+    """`pip install torch==2.13.0 -e .` with a CPU build of torch resolves the newest Triton (3.9.0 on the registry):
+    the kernels cannot run there except in the interpreter, so no import warns; the report still says untested."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import torch, triton; torch.version.cuda = torch.version.hip = None; triton.__version__ = '3.9.0'; "
+            "import fast3r_kernels, fast3r; print(fast3r_kernels.versions.is_tested(triton.__version__))")
+    result = run_module("-W", "always", "-c", code, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "UntestedTritonWarning" not in result.stderr and result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("how", ["cuda build", "interpreter"])
+def test_an_untested_triton_warns_where_the_kernels_run(how):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    setup = "torch.version.cuda = '12.8'" if how == "cuda build" else "torch.version.cuda = torch.version.hip = None"
+    if how == "interpreter":
+        env["TRITON_INTERPRET"] = "1"
+    result = run_module("-W", "always", "-c", f"import torch, triton; {setup}; triton.__version__ = '3.9.0'; "
+                        "import fast3r_kernels", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("UntestedTritonWarning") == 1, result.stderr
+
+
 def test_report_runs_every_kernel_and_each_passes_here():
     """As a user runs it: on a machine without a GPU the report must restart itself in the interpreter."""
     env = os.environ.copy()

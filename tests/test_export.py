@@ -1,6 +1,7 @@
 """Export round trips: what we write, the readers of each format read back the same."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -196,4 +197,206 @@ def test_an_interrupted_colmap_export_leaves_no_partial_model(scene, tmp_path, m
     with pytest.raises(OSError, match="disk full"):
         export.write_colmap(tmp_path / "sparse/0", scene["cameras"], scene["sizes"], scene["names"], cloud)
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # the text files written first are gone too
-    assert list((tmp_path / "sparse").iterdir()) == [tmp_path / "sparse/0"]
+    assert not (tmp_path / "sparse/0").exists()  # no empty model folder either
+
+
+# ------------------------------------------------------------------------------ bad input
+def export_all(scene, out, formats=export.FORMATS, **changes):
+    kwargs = {"preds": scene["preds"], "images": scene["images"], "names": scene["names"], "cameras": scene["cameras"]}
+    kwargs.update(changes)
+    return export.export(out, formats, **kwargs)
+
+
+def files_under(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else []
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("../escape.png", "a file name, not a path"),
+    ("/tmp/absolute.png", "a file name, not a path"),
+    ("sub/dir.png", "a file name, not a path"),
+    ("..", "a file name, not a path"),
+    ("two words.png", "whitespace"),
+    ("line\nbreak.png", "whitespace"),
+    ("picture.jpg", "end in .png"),
+    ("", "a file name, not a path"),
+])
+def test_view_names_must_be_plain_png_file_names(scene, tmp_path, bad, message):
+    """A name is written as images/<name> and listed in COLMAP's text files: no path, no whitespace, a PNG."""
+    names = [scene["names"][0], bad, scene["names"][2]]
+    out = tmp_path / "out"
+    with pytest.raises(export.ExportError, match=rf"names\[1\] = {re.escape(repr(bad))}.*{message}"):
+        export_all(scene, out, names=names)
+    assert files_under(tmp_path) == []  # nothing written, inside or outside the folder
+
+
+@pytest.mark.parametrize("names", [["a.png", "b.png", "a.png"], ["a.png", "A.PNG", "b.png"]])
+def test_duplicate_view_names_are_refused(scene, tmp_path, names):
+    """Two views of one name would overwrite each other's image while COLMAP lists both (or collide on macOS)."""
+    with pytest.raises(export.ExportError, match="duplicate view names"):
+        export_all(scene, tmp_path / "out", names=names)
+    assert files_under(tmp_path) == []
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: {"names": s["names"][:2]}, "3 preds, 3 images, 2 names and 3 cameras"),
+    (lambda s: {"images": s["images"][:2]}, "3 preds, 2 images, 3 names and 3 cameras"),
+    (lambda s: {"cameras": {k: v[:2] for k, v in s["cameras"].items()}}, "3 preds, 3 images, 3 names and 2 cameras"),
+    (lambda s: {"cameras": {**s["cameras"], "intrinsics": s["cameras"]["intrinsics"][:1]}},
+     r"cameras\['intrinsics'\] has shape \(1, 3, 3\)"),
+    (lambda s: {"images": [s["images"][0], s["images"][1][:, :, :32], s["images"][2]]},
+     r"images\[1\] has shape \(3, 48, 32\) but preds\[1\] is 48 x 64"),
+    (lambda s: {"images": [s["images"][0], s["images"][1].float() / 255, s["images"][2]]}, r"images\[1\] is torch.float32"),
+    (lambda s: {"preds": [s["preds"][0], {**s["preds"][1], "conf": s["preds"][1]["conf"][None]}, s["preds"][2]]},
+     r"preds\[1\]"),
+    (lambda s: {"cameras": {"cam2world": s["cameras"]["cam2world"]}}, r"cameras lacks \['intrinsics'\]"),
+])
+def test_mismatched_inputs_are_named_before_anything_is_written(scene, tmp_path, change, message):
+    with pytest.raises(export.ExportError, match=message):
+        export_all(scene, tmp_path / "out", **change(scene))
+    assert files_under(tmp_path) == []
+
+
+def test_formats_may_be_one_string(scene, tmp_path):
+    written = export_all(scene, tmp_path / "a", formats="ply")
+    assert [p.name for p in written if p.name != export.MANIFEST] == ["points.ply"]
+    written = export_all(scene, tmp_path / "b", formats="npz, ply")
+    assert {p.name for p in written} == {"points.ply", "reconstruction.npz", export.MANIFEST}
+    for formats in ("ply,obj", "", []):
+        with pytest.raises(export.ExportError, match="unknown export formats|no export format"):
+            export_all(scene, tmp_path / "c", formats=formats)
+
+
+def test_all_nan_points_are_an_error_not_an_empty_file(scene, tmp_path):
+    preds = [{**p, "pts3d_in_other_view": torch.full_like(p["pts3d_in_other_view"], float("nan"))}
+             for p in scene["preds"]]
+    with pytest.raises(export.ExportError, match="no view has a finite point"):
+        export_all(scene, tmp_path / "out", formats=["ply", "npz"], preds=preds)
+    assert files_under(tmp_path) == []
+
+
+def test_a_view_without_finite_points_warns(scene, tmp_path):
+    preds = list(scene["preds"])
+    preds[1] = {**preds[1], "conf": torch.full_like(preds[1]["conf"], float("nan"))}
+    with pytest.warns(UserWarning, match="view 1 has no finite point"):
+        cloud = export.select_points(preds, scene["images"])
+    assert set(np.unique(cloud.view)) == {0, 2}
+
+
+def test_a_nan_camera_is_left_out_of_the_camera_formats_with_a_warning(scene, tmp_path):
+    cam2world = scene["cameras"]["cam2world"].clone()
+    cam2world[1] = float("nan")
+    cameras = {**scene["cameras"], "cam2world": cam2world}
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match=r"the camera of view 1 is not finite.*left out of scene.glb, sparse/0"):
+        export_all(scene, out, cameras=cameras)
+    meta = json.loads((out / "transforms.json").read_text())
+    assert [f["file_path"] for f in meta["frames"]] == [f"images/{scene['names'][i]}" for i in (0, 2)]
+    assert "NaN" not in (out / "transforms.json").read_text()
+    model = pycolmap.Reconstruction(str(out / "sparse/0"))
+    assert sorted(image.name for image in model.images.values()) == [scene["names"][0], scene["names"][2]]
+    assert all(np.isfinite(p.xyz).all() and p.track.elements[0].image_id != 2 for p in model.points3D.values())
+    for text in ("images.txt", "points3D.txt", "cameras.txt"):
+        assert "nan" not in (out / "sparse/0" / text).read_text().lower()
+    assert len(list((out / "images").iterdir())) == 3  # the view is still exported as an image
+
+
+def test_a_non_rigid_camera_is_refused(scene, tmp_path):
+    cam2world = scene["cameras"]["cam2world"].clone()
+    cam2world[2, :3, :3] *= 1.5
+    with pytest.raises(export.ExportError, match=r"cameras\['cam2world'\] of view 2 is not rigid"):
+        export_all(scene, tmp_path / "out", cameras={**scene["cameras"], "cam2world": cam2world})
+
+
+def test_points_behind_their_camera_stay_out_of_colmap(scene, tmp_path):
+    """Such a point cannot be seen by the view it came from; COLMAP would get a reprojection error of ~1e154."""
+    preds = [dict(p) for p in scene["preds"]]
+    flipped = preds[1]["pts3d_in_other_view"].clone()
+    centre = scene["cam2world"][1, :3, 3].float()
+    flipped[:24] = 2 * centre - flipped[:24]  # the top half of view 1, mirrored through its camera centre
+    preds[1]["pts3d_in_other_view"] = flipped
+    cloud = export.select_points(preds, scene["images"], conf_percentile=0)
+    with pytest.warns(UserWarning, match=r"lie behind the camera of their view.*left out of the COLMAP model"):
+        export.write_colmap(tmp_path, scene["cameras"], scene["sizes"], scene["names"], cloud, max_points=10**6)
+    model = pycolmap.Reconstruction(str(tmp_path))
+    assert model.num_points3D() == len(cloud) - 24 * 64
+    assert max(p.error for p in model.points3D.values()) < 1e-3
+    with pytest.warns(UserWarning, match="lie behind the camera of their view"):  # export() says so too
+        export_all({**scene, "preds": preds}, tmp_path / "out", formats=["colmap"])
+
+
+# ------------------------------------------------------------------------------ output folders
+def test_a_folder_holding_a_previous_export_is_refused_unless_overwrite(scene, tmp_path):
+    out = tmp_path / "out"
+    export_all(scene, out)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with pytest.raises(export.ExportError, match=r"holds a previous export.*overwrite=True.*--overwrite"):
+        export_all(scene, out, formats=["ply"])
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_overwrite_replaces_the_whole_set(scene, tmp_path):
+    """A second export with fewer views and formats leaves nothing of the first: no stale images or files."""
+    out = tmp_path / "out"
+    export_all(scene, out)
+    two = {"preds": scene["preds"][:2], "images": scene["images"][:2], "names": ["00000_new.png", "00001_new.png"],
+           "cameras": {k: v[:2] for k, v in scene["cameras"].items()}}
+    written = export.export(out, ["nerfstudio"], **two, overwrite=True)
+    assert files_under(out) == ["fast3r.json", "images", "images/00000_new.png", "images/00001_new.png",
+                                "transforms.json"]
+    assert sorted(written) == sorted(out / name for name in ("images", "transforms.json", "fast3r.json"))
+    manifest = json.loads((out / "fast3r.json").read_text())
+    assert manifest["files"] == ["images", "transforms.json"] and manifest["views"] == 2
+
+
+def test_foreign_files_are_never_replaced(scene, tmp_path):
+    """A folder holding files export did not write (say, the photos themselves) is refused, --overwrite or not."""
+    out = tmp_path / "scene"
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "IMG_0001.jpg").write_bytes(b"a photo")
+    for overwrite in (False, True):
+        with pytest.raises(export.ExportError, match=r"holds files that fast3r did not write \(images\)"):
+            export_all(scene, out, overwrite=overwrite)
+    assert files_under(out) == ["images", "images/IMG_0001.jpg"]
+    (out / ".DS_Store").write_bytes(b"finder")  # hidden files are neither counted nor touched
+    (out / "images" / "IMG_0001.jpg").unlink()
+    (out / "images").rmdir()
+    export_all(scene, out, formats=["ply"])
+    assert (out / ".DS_Store").read_bytes() == b"finder"
+
+
+def test_an_interrupted_export_leaves_the_folder_as_it_was(scene, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    export_all(scene, out, formats=["ply", "npz"])
+    before = {str(p): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "write_nerfstudio", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_all(scene, out, overwrite=True)
+    assert {str(p): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    with pytest.raises(KeyboardInterrupt):
+        export_all(scene, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_failed_swap_puts_the_previous_set_back(scene, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    export_all(scene, out, formats=["ply", "npz"])
+    before = {str(p): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    replace, calls = export.os.replace, []
+
+    def fail_on_the_fourth_move(src, dst):
+        calls.append(dst)
+        if len(calls) == 4:
+            raise OSError("disk gone")
+        replace(src, dst)
+
+    monkeypatch.setattr(export.os, "replace", fail_on_the_fourth_move)
+    with pytest.raises(OSError, match="disk gone"):
+        export.export(out, ["glb"], preds=scene["preds"], images=scene["images"], names=scene["names"],
+                      cameras=scene["cameras"], overwrite=True)
+    assert {str(p): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -133,3 +133,25 @@ def test_directory_and_truncated_files_name_the_problem(tmp_path):
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"cannot read image .*cut\.png"):
         load_images(tmp_path / "cut.png")
+
+
+def test_aspect_error_names_the_command_line_option_too(tmp_path):
+    with pytest.raises(ValueError, match=r"size=224 \(fast3r reconstruct: --size 224\)"):
+        load_images([write(tmp_path / "strip.png", 1000, 10)], size=512)
+
+
+def test_an_image_over_the_decompression_bomb_limit_is_named(tmp_path, monkeypatch):
+    """Pillow refuses images of more than 2x MAX_IMAGE_PIXELS with its own exception type: a traceback before."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)  # above what the preprocessing itself makes at 224
+    path = write(tmp_path / "huge.png", 500, 500)  # over twice the limit
+    with pytest.raises(ValueError, match=r"huge\.png has 250000 pixels.*decompression-bomb limit.*MAX_IMAGE_PIXELS"):
+        load_images([path], size=224)
+
+
+def test_an_image_near_the_limit_warns_with_its_name(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)
+    path = write(tmp_path / "large.png", 400, 300)  # between the limit and twice it
+    with pytest.warns(UserWarning, match=r"large\.png has 120000 pixels") as caught:
+        (img,) = load_images([path], size=224)
+    assert img.shape == (3, 224, 224)
+    assert not any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught)

@@ -110,3 +110,91 @@ def test_bad_input_is_named():
         metrics.pose_metrics(torch.eye(4), torch.eye(4))
     with pytest.raises(ValueError, match="same pixels"):
         metrics.pointmap_accuracy_completion(torch.zeros(5, 3), torch.zeros(4, 3))
+
+
+def rotations_about_one_centre():
+    """Three cameras turning about one point (a tripod pan): no ground-truth baseline at all."""
+    return torch.stack([pose(rot_y(0), (1.0, 2.0, 3.0)), pose(rot_y(25), (1.0, 2.0, 3.0)),
+                        pose(rot_y(-40), (1.0, 2.0, 3.0))])
+
+
+def test_a_perfect_prediction_of_coincident_cameras_scores_perfectly(fresh_seed):
+    """No baseline in the ground truth and none predicted: the translations agree (error 0), with a warning."""
+    g = torch.Generator().manual_seed(fresh_seed)
+    gt = rotations_about_one_centre()
+    pred = pose(random_rotation(180, g), torch.randn(3, generator=g).tolist()) @ gt  # another world frame
+    with pytest.warns(UserWarning, match="3 of 3 pairs have coincident ground-truth camera centres"):
+        result = metrics.pose_metrics(pred, gt)
+    assert result == {"RRA@5": 1.0, "RTA@5": 1.0, "RRA@15": 1.0, "RTA@15": 1.0, "RRA@30": 1.0, "RTA@30": 1.0,
+                      "mAA@30": 1.0}
+
+
+def test_a_predicted_baseline_where_the_ground_truth_has_none_is_a_miss():
+    gt = rotations_about_one_centre()
+    pred = gt.clone()
+    pred[1, :3, 3] += torch.tensor([0.5, 0.0, 0.0], dtype=torch.float64)  # camera 1 moved away
+    with pytest.warns(UserWarning, match="coincident ground-truth camera centres"):
+        _, translation = metrics.relative_pose_errors(pred, gt)
+    torch.testing.assert_close(translation, torch.tensor([90.0, 0.0, 90.0], dtype=torch.float64))
+
+
+def test_non_finite_predicted_poses_warn_and_count_as_misses():
+    gt = three_cameras()
+    pred = gt.clone()
+    pred[1] = float("nan")
+    with pytest.warns(UserWarning, match=r"pred_cam2world of view 1 is not finite.*misses"):
+        result = metrics.pose_metrics(pred, gt)
+    assert result["RRA@30"] == pytest.approx(1 / 3) and result["RTA@30"] == pytest.approx(1 / 3)
+    assert result["mAA@30"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("which", ["gt_cam2world", "pred_cam2world"])
+@pytest.mark.parametrize("defect, message", [
+    (lambda p: p.__setitem__((0, 1), 0.4), "not a rotation"),
+    (lambda p: p.__setitem__((slice(0, 3), slice(0, 3)), 3 * p[:3, :3]), "not a rotation"),
+    (lambda p: p.__setitem__((3, 0), 1.0), r"last row other than \[0, 0, 0, 1\]"),
+])
+def test_non_rigid_poses_are_refused(which, defect, message):
+    poses = {"gt_cam2world": three_cameras(), "pred_cam2world": three_cameras()}
+    defect(poses[which][2])
+    with pytest.raises(ValueError, match=rf"{which} of view 2 is not rigid.*{message}"):
+        metrics.pose_metrics(poses["pred_cam2world"], poses["gt_cam2world"])
+
+
+def test_non_finite_ground_truth_poses_are_refused():
+    gt = three_cameras()
+    gt[0, 0, 3] = float("inf")
+    with pytest.raises(ValueError, match="gt_cam2world of view 0 is not finite"):
+        metrics.pose_metrics(three_cameras(), gt)
+
+
+def test_pose_auc_refuses_mismatched_errors_and_empty_thresholds():
+    with pytest.raises(ValueError, match="one translation error per rotation error"):
+        metrics.pose_auc(torch.zeros(3), torch.zeros(4))
+    with pytest.raises(ValueError, match="max_threshold=0"):
+        metrics.pose_auc(torch.zeros(3), torch.zeros(3), max_threshold=0)
+
+
+def cloud(fresh_seed, n=50):
+    g = torch.Generator().manual_seed(fresh_seed)
+    gt = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    return 2.0 * gt + 1.0, gt
+
+
+@pytest.mark.parametrize("weights, message", [
+    (lambda n: torch.zeros(n), "weights are zero at every point"),
+    (lambda n: -torch.ones(n), "negative"),
+    (lambda n: torch.ones(n + 1), r"weights have shape \(51,\)"),
+    (lambda n: torch.eye(n)[0] + torch.eye(n)[1], "only 2 points have a positive weight"),
+])
+def test_degenerate_alignment_weights_are_refused(fresh_seed, weights, message):
+    pred, gt = cloud(fresh_seed)
+    with pytest.raises(ValueError, match=message):
+        metrics.pointmap_accuracy_completion(pred, gt, weights=weights(len(gt)))
+
+
+def test_collinear_points_cannot_be_aligned(fresh_seed):
+    line = torch.linspace(0, 1, 20, dtype=torch.float64)[:, None] * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match="collinear"):
+        metrics.pointmap_accuracy_completion(line * 2, line)
+    assert metrics.pointmap_accuracy_completion(line * 2, line, align=False)["accuracy"] > 0

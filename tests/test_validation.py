@@ -237,6 +237,72 @@ def test_non_finite_pose_names_the_view():
 def test_singular_pose_is_a_named_value_error_not_linalg_error(view):
     preds, gts = scene()
     gts[view]["camera_pose"][1, :3, 2] = 0  # a rotation column lost: no inverse
-    with pytest.raises(ValueError, match=rf"view {view}: camera_pose is singular in 1 scene") as err:
+    with pytest.raises(ValueError, match=rf"view {view}: camera_pose is not rigid in 1 scene.*not a rotation") as err:
         fast3r_loss(preds, gts)
     assert not isinstance(err.value, torch.linalg.LinAlgError)
+
+
+def sheared(pose):
+    pose = pose.clone()
+    pose[..., 0, 1] += 0.3
+    return pose
+
+
+def scaled(pose):
+    pose = pose.clone()
+    pose[..., :3, :3] *= 2.0
+    return pose
+
+
+def reflected(pose):
+    pose = pose.clone()
+    pose[..., :3, 0] *= -1
+    return pose
+
+
+def projective_last_row(pose):
+    pose = pose.clone()
+    pose[..., 3, 2] = 0.5
+    return pose
+
+
+@pytest.mark.parametrize("change, message", [
+    (sheared, "not a rotation"),
+    (scaled, "not a rotation"),
+    (reflected, "determinant -1"),
+    (projective_last_row, r"last row other than \[0, 0, 0, 1\]"),
+])
+def test_non_rigid_pose_names_view_and_defect(change, message):
+    """The docs say rigid: an invertible but sheared, scaled, mirrored or projective pose is refused, not used."""
+    preds, gts = scene()
+    gts[1]["camera_pose"][1] = change(gts[1]["camera_pose"][1])
+    with pytest.raises(ValueError, match=rf"ground truth of view 1: camera_pose is not rigid in 1 scene.*{message}"):
+        fast3r_loss(preds, gts)
+
+
+def test_rounded_rigid_pose_is_accepted():
+    """Poses read from 6-digit text files are rigid to about 1e-6: accepted."""
+    preds, gts = scene()
+    for gt in gts:
+        gt["camera_pose"] = (gt["camera_pose"] * 1e5).round() / 1e5
+    assert torch.isfinite(fast3r_loss(preds, gts)[0])
+
+
+@pytest.mark.parametrize("key", ["conf", "conf_local"])
+@pytest.mark.parametrize("bad", [0.0, -0.5])
+def test_non_positive_confidence_at_a_valid_pixel_names_view_and_key(key, bad):
+    """conf <= 0 would make log(conf) infinite: the loss inf and the gradients NaN."""
+    preds, gts = scene()
+    gts[2]["valid_mask"][0, 1, 2] = True
+    preds[2][key][0, 1, 2] = bad
+    with pytest.raises(ValueError, match=rf"prediction of view 2: {key} is <= 0 at 1 valid pixel"):
+        fast3r_loss(preds, gts)
+
+
+def test_non_positive_confidence_at_an_invalid_pixel_is_ignored():
+    preds, gts = scene()
+    gts[0]["valid_mask"][1, 0, 0] = False
+    preds[0]["conf"][1, 0, 0] = 0.0
+    loss, _ = fast3r_loss([{k: v.requires_grad_() for k, v in p.items()} for p in preds], gts)
+    loss.backward()
+    assert torch.isfinite(loss)
