@@ -122,11 +122,12 @@ def assemble(crops: Sequence[dict], scene: str) -> dict:
     """Stack crops into a sample, in the frame of the first view's camera (see the module docstring)."""
     anchor = np.linalg.inv(crops[0]["cam2world"])
     poses = np.stack([anchor @ crop["cam2world"] for crop in crops])
-    points = np.stack([world_points(crop["depth"], crop["intrinsics"], pose) for crop, pose in zip(crops, poses)])
+    points = np.stack([world_points(crop["depth"], crop["intrinsics"], pose, np.float32)
+                       for crop, pose in zip(crops, poses)])  # 0 where the depth is unknown (0)
     valid = np.stack([crop["depth"] > 0 for crop in crops])
     return {
         "images": torch.from_numpy(np.stack([crop["image"] for crop in crops])).permute(0, 3, 1, 2).contiguous(),
-        "pts3d": torch.from_numpy(np.where(valid[..., None], points, 0).astype(np.float32)),
+        "pts3d": torch.from_numpy(points),
         "valid_mask": torch.from_numpy(valid),
         "camera_pose": torch.from_numpy(poses.astype(np.float32)),
         "intrinsics": torch.from_numpy(np.stack([crop["intrinsics"] for crop in crops]).astype(np.float32)),

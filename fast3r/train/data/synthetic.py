@@ -352,14 +352,15 @@ def _atlas(rng: np.random.Generator) -> torch.Tensor:
     noise = ((noise - low) / (high - low))[0]
 
     tile = torch.arange(ATLAS_TILES).repeat_interleave(TILE)
-    tile = tile[:, None] * ATLAS_TILES + tile[None, :]  # (side, side): the tile each texel is in
-    levels = torch.from_numpy(rng.integers(4, PALETTE + 1, ATLAS_TILES**2))[tile]
-    patch = (noise[0] * levels).long().clamp(max=PALETTE - 1)  # posterized: a colour index per texel
+    tile = (tile[:, None] * ATLAS_TILES + tile[None, :]).view(-1)  # the tile each texel is in, row-major
+    levels = torch.from_numpy(rng.integers(4, PALETTE + 1, ATLAS_TILES**2)).float().index_select(0, tile)
+    patch = (noise[0].view(-1) * levels).long().clamp_(max=PALETTE - 1)  # posterized: a colour index per texel
     palettes = rng.random((ATLAS_TILES**2, PALETTE, 3)) * np.where(np.arange(PALETTE) % 2, 1.0, 0.35)[:, None]
-    base = torch.from_numpy(palettes.reshape(-1, 3)).float()[tile * PALETTE + patch]  # (side, side, 3)
-    grain = (noise[1] - 0.5)[..., None] * GRAIN
-    rgb = ((base + grain).clamp(0, 1) * 255 + 0.5).to(torch.uint8).reshape(-1, 3)
-    return torch.cat([rgb, torch.zeros_like(rgb[:, :1])], 1).view(torch.int32)[:, 0]
+    base = torch.from_numpy(palettes.reshape(-1, 3)).float().index_select(0, tile * PALETTE + patch)
+    grain = (noise[1].view(-1, 1) - 0.5) * (GRAIN * 255) + 0.5  # + 0.5: the uint8 cast then rounds to nearest
+    rgba = torch.zeros(side * side, 4, dtype=torch.uint8)
+    rgba[:, :3] = base.mul_(255).add_(grain).clamp_(0, 255)
+    return rgba.view(torch.int32)[:, 0]
 
 
 def _tiles(rng: np.random.Generator, objects: int) -> np.ndarray:
