@@ -4,7 +4,7 @@ from setuptools import find_packages, setup
 
 RECONSTRUCT = ["opencv-python-headless", "trimesh", "pycolmap", "av", "tqdm"]
 VIEW = ["viser"]  # `fast3r view`: the browser viewer
-TRAIN = ["tensorboard", "tqdm"]  # `fast3r train`: TensorBoard event files (optional) and progress bars
+TRAIN = ["tensorboard", "tqdm", "pycolmap"]  # `fast3r train`: TensorBoard logs (optional), progress bars, COLMAP scenes
 
 setup(
     name="fast3r-kernels",
