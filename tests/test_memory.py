@@ -81,9 +81,9 @@ def test_lean_gives_the_fast_outputs_bit_for_bit(small_chunks, scene):
 
 
 def test_lean_with_ragged_chunks_stays_within_fp32_rounding(small_chunks):
-    """Mixed sizes (4 + 2 + 4 + 6 tokens ...): chunks end off 16-row multiples, and the BLAS rounds otherwise."""
+    """Mixed sizes (4 + 2 + 4 + ... = 22 tokens): the last chunk has 6 rows, and the BLAS rounds those otherwise."""
     model = Fast3R("tiny").eval()
-    views = [torch.rand(3, *hw) * 2 - 1 for hw in [(32, 32), (16, 32), (32, 32), (48, 32), (32, 32), (16, 32)]]
+    views = [torch.rand(3, *hw) * 2 - 1 for hw in [(32, 32), (16, 32)] * 3 + [(32, 32)]]
     with torch.inference_mode():
         fast, lean = model(views, memory="fast"), model(views, memory="lean", output_device="cpu")
     for i, (f, g) in enumerate(zip(fast, lean)):
