@@ -2,16 +2,23 @@
 
 Tokens of all views are concatenated into one sequence; each view's tokens get the
 sin-cos embedding of its image index so the model can tell views apart.
+
+Two inference plans (``fast3r.memory``): the fast one keeps the hook layers on the device and
+returns them; the lean one runs every block in place on one token buffer and copies each hook
+layer to host memory as it is produced (``fast3r.offload``), returning the host copies.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
 
 from .backends import Ops
 from .config import Fast3RConfig
-from .layers import Block, LayerNorm
+from .layers import Block, InPlace, LayerNorm, token_chunks
+from .offload import HostLayers
 
 FUSION_BLOCK_EPS = 1e-5  # the official fusion blocks use nn.LayerNorm's default eps
 FUSION_NORM_EPS = 1e-6
@@ -55,7 +62,8 @@ class FusionTransformer(nn.Module):
         self.hooks = cfg.head_hooks
 
     def forward(
-        self, tokens: torch.Tensor, view_sizes: list[int], image_ids: torch.Tensor, attend=None
+        self, tokens: torch.Tensor, view_sizes: list[int], image_ids: torch.Tensor, attend=None,
+        lean: InPlace | None = None,
     ) -> list[torch.Tensor]:
         """Run the fusion blocks and return only the layers the heads read.
 
@@ -63,20 +71,60 @@ class FusionTransformer(nn.Module):
         image_ids: (B, num_views) image index of each view.
         attend: ``attend(q, k, v, scale)`` for the blocks' attention instead of the backend's
         (context parallelism passes one that spans every rank's tokens).
-        Returns the 4 hook layers, each (B, L, dim); layer 0 is ``tokens`` itself.
+        lean: the lean plan's chunks (inference only): the hook layers come back in host memory
+        (pinned when produced on a GPU), and ``tokens`` is overwritten (its buffer becomes the
+        residual stream once it is on the host).
+        Returns the 4 hook layers, each (B, L, dim); layer 0 is ``tokens`` itself (or its host copy).
         """
+        if lean is not None:
+            return self._forward_lean(tokens, view_sizes, image_ids, attend, lean)
         emb = image_index_embedding(image_ids, self.decoder_embed.out_features)
         x = self.decoder_embed(tokens)
         _add_per_view(x, emb.to(x.dtype), view_sizes)
-        kept = [tokens]
+        kept = {0: tokens}
         depth = len(self.dec_blocks)
         for i, block in enumerate(self.dec_blocks, start=1):
             x = block(x, attend=attend)
             if i == depth:
                 x = self.dec_norm(x)
             if i in self.hooks:
-                kept.append(x)
-        return kept
+                kept[i] = x
+        return [kept[i] for i in self.hooks]
+
+    def _forward_lean(self, tokens: torch.Tensor, view_sizes: list[int], image_ids: torch.Tensor, attend,
+                      plan: InPlace) -> list[torch.Tensor]:
+        """One token buffer on the device for the whole stack: x, updated in place by every block.
+
+        Each hook layer is copied to the host on a side stream as it is produced; the next block waits
+        for a chunk's copy only where it overwrites that chunk (``plan.before_write``). The encoder
+        tokens' buffer becomes x when the widths and dtypes agree (the released model), chunk by chunk
+        once each chunk is on the host.
+        """
+        store = HostLayers(tokens.device, plan.queries)
+        store.save(0, tokens)
+        emb = image_index_embedding(image_ids, self.decoder_embed.out_features)
+        embed = self.decoder_embed
+        if embed.in_features == embed.out_features and embed.weight.dtype == tokens.dtype:
+            x = tokens
+            for b, rows in token_chunks(*x.shape[:2], plan.queries):
+                store.wait(0, b, rows.start, rows.stop)
+                x[b, rows] = embed(x[b, rows])
+        else:
+            x = embed(tokens)
+        _add_per_view(x, emb.to(x.dtype), view_sizes)
+        depth, saved = len(self.dec_blocks), None
+        for i, block in enumerate(self.dec_blocks, start=1):
+            wait = None if saved is None else (lambda b, start, stop, layer=saved: store.wait(layer, b, start, stop))
+            x = block(x, attend=attend, lean=dataclasses.replace(plan, before_write=wait))
+            if i == depth:
+                for b, rows in token_chunks(*x.shape[:2], plan.queries):
+                    x[b, rows] = self.dec_norm(x[b, rows])
+            saved = None
+            if i in self.hooks:
+                store.save(i, x)
+                saved = i
+        store.done()  # x's memory may be reused once this returns
+        return [store.layers[i] for i in self.hooks]
 
 
 def _add_per_view(x: torch.Tensor, emb: torch.Tensor, view_sizes: list[int]) -> None:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fast3r_kernels.attention import default_scale
@@ -22,6 +25,20 @@ from .backends import Ops, Rope
 TRAIN_VIEWS, INFERENCE_VIEWS = 20, 137
 FUSION_TEMPERATURE = math.sqrt(math.log(INFERENCE_VIEWS) / math.log(TRAIN_VIEWS))
 MLP_TOKEN_CHUNK = 65536  # tokens per MLP pass in inference: 512 MiB of bf16 hidden activations at width 4096
+
+
+@dataclass(frozen=True)
+class InPlace:
+    """How a block runs in the lean inference plan (``fast3r.memory``): x is updated in place.
+
+    queries: query tokens per attention call (K and V of every token are computed first, whole);
+    mlp: tokens per MLP band; before_write(b, start, stop): called before rows [start, stop) of scene b
+    of x are overwritten (the fusion waits there for those rows' copy to host memory).
+    """
+
+    queries: int
+    mlp: int
+    before_write: Callable[[int, int, int], None] | None = None
 
 
 def _positions(grid_h: int, grid_w: int, device: torch.device) -> torch.Tensor:
@@ -106,6 +123,24 @@ class Attention(nn.Module):
             out = self.ops.attention(q, k, v, self.softmax_scale(), rope)
         return self.proj(out.reshape(b, n, c))
 
+    # Lean inference (Block with ``lean=``): the packed qkv projection split by its rows of weights, so K and V
+    # of every token and the queries of one chunk are computed apart; the results equal the packed ones.
+    def keys_values(self, y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """y: (R, dim) normed tokens -> K and V rows (R, 2 * dim), the last two thirds of qkv, written into out."""
+        d = y.shape[-1]
+        return torch.addmm(self.qkv.bias[d:], y, self.qkv.weight[d:].t(), out=out)
+
+    def queries(self, y: torch.Tensor) -> torch.Tensor:
+        """y: (B, R, dim) normed tokens -> their queries (B, R, H, D), the first third of qkv."""
+        b, r, d = y.shape
+        return F.linear(y, self.qkv.weight[:d], self.qkv.bias[:d]).view(b, r, self.num_heads, d // self.num_heads)
+
+    def attend_queries(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend=None) -> torch.Tensor:
+        """q (B, R, H, D) against every key k, v (B, L, H, D) -> (B * R, dim), before the projection."""
+        scale = self.softmax_scale()
+        out = self.ops.attention(q, k, v, scale, None) if attend is None else attend(q, k, v, scale)
+        return out.reshape(-1, q.shape[2] * q.shape[3])
+
 
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
@@ -133,7 +168,11 @@ class Block(nn.Module):
         self.norm2 = LayerNorm(dim, eps, ops)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, rope: Rope | None = None, attend=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope | None = None, attend=None, lean: InPlace | None = None
+                ) -> torch.Tensor:
+        """x: (B, L, dim). ``lean``: inference only, no RoPE; x is updated in place and returned."""
+        if lean is not None:
+            return self._forward_in_place(x, attend, lean)
         h = self.attn(self.norm1(x), rope, attend)
         if torch.is_grad_enabled():
             x, y = self.norm2(h, residual=x)
@@ -145,3 +184,52 @@ class Block(nn.Module):
             rows_h, y = self.norm2(rows_h, residual=rows_x, residual_out=rows_h)
             rows_h += self.mlp(y)
         return h
+
+    def _forward_in_place(self, x: torch.Tensor, attend, plan: InPlace) -> torch.Tensor:
+        """The lean block: K and V of every token (2 token buffers), then per chunk of queries the attention,
+        projection, residual + norm2 and the MLP, each chunk's result written back into its rows of x.
+
+        A chunk's queries read only their own rows of x and every key, and the keys are computed before any
+        row changes, so updating x in place gives the fast path's result. Only 3 token buffers live (x, K, V)
+        and a chunk's transients; under context parallelism the ring / Ulysses need every local query at
+        once, so the queries and the attention output are whole there (2 more token buffers).
+        """
+        b, n, d = x.shape
+        heads = self.attn.num_heads
+        kv = x.new_empty(b, n, 2 * d)
+        for i, rows in token_chunks(b, n, plan.queries):
+            self.attn.keys_values(self.norm1(x[i, rows]), out=kv[i, rows])
+        k, v = kv.view(b, n, 2, heads, d // heads).unbind(2)
+        attended = None
+        if attend is not None:
+            attended = self.attn.attend_queries(self.attn.queries(self.norm1(x)), k, v, attend).view(b, n, d)
+        for i, rows in token_chunks(b, n, plan.queries):
+            if attended is None:
+                h = self._attention_rows(x[i : i + 1, rows], k[i : i + 1], v[i : i + 1])
+            else:
+                h = self.attn.proj(attended[i, rows])
+            if plan.before_write is not None:
+                plan.before_write(i, rows.start, rows.stop)
+            self._residual_mlp_rows(h, x[i, rows], plan.mlp)
+            del h
+        return x
+
+    def _attention_rows(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """proj(attention(queries of norm1(x) against k, v)): x (1, R, dim) -> (R, dim); transients die here."""
+        q = self.attn.queries(self.norm1(x))
+        out = self.attn.attend_queries(q, k, v)
+        del q
+        return self.attn.proj(out)
+
+    def _residual_mlp_rows(self, h: torch.Tensor, x: torch.Tensor, band: int) -> None:
+        """x <- x + h, then x <- x + mlp(norm2(x)), in place, ``band`` rows at a time: h, x (R, dim)."""
+        for rows_h, rows_x in zip(h.split(band), x.split(band)):
+            rows_x, y = self.norm2(rows_h, residual=rows_x, residual_out=rows_x)
+            rows_x += self.mlp(y)
+
+
+def token_chunks(batch: int, length: int, size: int) -> Iterator[tuple[int, slice]]:
+    """(scene index, token slice) of consecutive chunks of at most ``size`` tokens, scene by scene."""
+    for i in range(batch):
+        for start in range(0, length, size):
+            yield i, slice(start, min(length, start + size))

@@ -13,14 +13,15 @@ import torch.distributed as dist
 from einops import rearrange
 from torch import nn
 
-from . import checkpoint, memory, parallel
+from . import checkpoint, memory, offload, parallel
 from .backends import BACKENDS, get_ops
 from .config import Fast3RConfig
 from .encoder import Encoder
 from .fusion import FusionTransformer, sample_image_indices
 from .graphs import GraphCache
 from .heads import DPTHead
-from .layers import check_patch_grid
+from .layers import InPlace, check_patch_grid
+from .memory import MEMORY_MODES, Workload, choose, lean_chunks
 
 Images = torch.Tensor | Sequence[torch.Tensor]
 # How the fusion attention spans ranks under context parallelism (benchmarks/NOTES.md compares them).
@@ -62,6 +63,7 @@ class Fast3R(nn.Module):
         context_parallel: str = "auto",
         output_device: torch.device | str | None = None,
         cuda_graph: bool = False,
+        memory: str = "auto",
     ) -> list[dict[str, torch.Tensor]]:
         """Reconstruct a scene.
 
@@ -87,13 +89,27 @@ class Fast3R(nn.Module):
             "cpu", so thousands of fp32 pointmaps do not stay on the GPU).
         cuda_graph: capture the forward once per input shape and replay it (inference on a
             CUDA tensor of one size; pays at small view counts, where launches dominate).
+        memory: "fast" keeps the four layers the heads read on the device (about 10 token buffers
+            of B x tokens x 1024 x 2 bytes at the peak: 24 GiB at 1500 views of 512x384); "lean" moves
+            them to pinned host memory as they are produced and brings them back per head chunk, and
+            runs each fusion block in place with the queries in chunks (3 token buffers: 9 GiB there),
+            for the same outputs; "auto" (default) is "fast" where its peak fits the memory this
+            process may still use (``torch.cuda.set_per_process_memory_fraction`` included), else
+            "lean". Lean is for inference in the model's own dtype: not under autograd, autocast or
+            ``cuda_graph=True`` ("auto" is "fast" there). See ``fast3r.memory``. For thousands of views
+            also pass ``output_device="cpu"``: the fp32 outputs take 32 bytes per pixel.
 
         Returns one dict per view with ``pts3d_in_other_view`` (H, W, 3) in view 0's
         camera frame, ``conf`` (H, W), and with the local head ``pts3d_local`` (H, W, 3)
         in the view's own frame and ``conf_local`` (H, W); a leading B for batched input.
         All outputs are fp32.
         """
+        if memory not in MEMORY_MODES:
+            raise ValueError(f"memory={memory!r}; choose one of {MEMORY_MODES}")
         if cuda_graph:
+            if memory == "lean":
+                raise ValueError("cuda_graph=True captures the fast plan (the lean one copies to host memory on a "
+                                 "side stream); pass memory='fast' or 'auto' with cuda_graph=True")
             return self._graphed(images, image_ids, seed, encoder_chunk, head_chunk, output_device)
         views, batched = _as_views(images, self.config.patch_size)
         patch = self.config.patch_size
@@ -105,10 +121,33 @@ class Fast3R(nn.Module):
             attend, first_view, num_views = self._context_parallel(process_group, context_parallel, sizes,
                                                                    views[0].shape[0])
         ids = self._image_ids(image_ids, seed, views[0].shape[0], num_views)[:, first_view : first_view + len(views)]
+        lean = self._memory_plan(memory, views, grids, output_device)
         tokens = self._encode(views, grids, offsets, encoder_chunk)
-        hooks = self.decoder(tokens, sizes, _to_device(ids, tokens.device), attend)
-        del tokens  # hooks[0] holds it; nothing else may
+        hooks = self.decoder(tokens, sizes, _to_device(ids, tokens.device), attend, lean)
+        del tokens  # hooks[0] holds it (or its host copy); nothing else may
         return self._predict(hooks, grids, offsets, batched, head_chunk, output_device)
+
+    def _memory_plan(self, memory: str, views: list[torch.Tensor], grids: list[tuple[int, int]],
+                     output_device: torch.device | str | None) -> InPlace | None:
+        """-> the lean plan's chunks, or None for the fast plan (``fast3r.memory.choose`` decides "auto")."""
+        device, dtype = self._device(), self._dtype()
+        training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        autocast = torch.is_autocast_enabled(device.type)
+        if memory == "lean" and (training or autocast):
+            raise ValueError("memory='lean' is for inference in the model's own dtype: run under "
+                             "torch.inference_mode() (or no_grad) and cast the model (model.to(torch.bfloat16)) "
+                             "instead of autocast; or pass memory='fast'")
+        if training or autocast:
+            return None
+        patch = self.config.patch_size
+        work = Workload(
+            batch=views[0].shape[0], views=len(views), tokens=sum(gh * gw for gh, gw in grids),
+            view_tokens=max(gh * gw for gh, gw in grids), view_pixels=max(gh * gw for gh, gw in grids) * patch**2,
+            elem_bytes=dtype.itemsize,
+            outputs_on_device=output_device is None or _same_device(torch.device(output_device), device))
+        if choose(self.config, memory, device, work) == "fast":
+            return None
+        return lean_chunks(device, self.config.fusion_heads)
 
     def _context_parallel(self, group: dist.ProcessGroup, method: str, sizes: list[int], batch: int):
         """-> (attention across ranks, global index of this rank's first view, views in the scene)."""
@@ -160,18 +199,22 @@ class Fast3R(nn.Module):
 
     def _predict(self, hooks: list[torch.Tensor], grids: list[tuple[int, int]], offsets: list[int], batched: bool,
                  chunk: int | None, output_device: torch.device | str | None) -> list[dict[str, torch.Tensor]]:
-        """Run both heads on the hook layers, in chunks of equally sized views."""
-        batch, patch = hooks[0].shape[0], self.config.patch_size
+        """Run both heads on the hook layers, in chunks of equally sized views.
+
+        Hook layers in host memory (the lean plan) come to the device one chunk at a time, the next
+        chunk's copy overlapping the heads' work on this one.
+        """
+        batch, patch, device = hooks[0].shape[0], self.config.patch_size, self._device()
         pixels = max(gh * gw for gh, gw in grids) * patch * patch
         per_view = memory.head_bytes_per_view(self.config, pixels, hooks[0].dtype.itemsize)
-        chunk = chunk or memory.chunk_size(hooks[0].device, per_view * batch, memory.MAX_HEAD_CHUNK,
-                                           memory.CPU_HEAD_CHUNK)
+        chunk = chunk or memory.chunk_size(device, per_view * batch, memory.MAX_HEAD_CHUNK, memory.CPU_HEAD_CHUNK)
         heads = {"": self.downstream_head, "_local": self.downstream_head_local}
         results: list[dict[str, torch.Tensor]] = [{} for _ in grids]
-        for run in _runs(grids, chunk):
+        runs = _runs(grids, chunk)
+        rows = offload.rows_on_device(hooks, [(offsets[run[0]], offsets[run[-1] + 1]) for run in runs], device)
+        for run, chunk_layers in zip(runs, rows):
             n = len(run)
-            layers = [rearrange(h[:, offsets[run[0]] : offsets[run[-1] + 1]], "b (n t) c -> (n b) t c", n=n)
-                      for h in hooks]
+            layers = [rearrange(h, "b (n t) c -> (n b) t c", n=n) for h in chunk_layers]
             for suffix, head in heads.items():
                 if head is None:
                     continue
@@ -312,6 +355,11 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda" and t.device.type == "cpu" and not torch.compiler.is_compiling():
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """"cuda" and "cuda:0" name one device when the current device is 0."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 def _to_model(view: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

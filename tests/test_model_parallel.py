@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fast3r import Fast3R, Fast3RConfig
+from fast3r import Fast3R, Fast3RConfig, memory
 from fast3r.parallel import RankMismatchError, split_views
 
 WORLD = 3
@@ -35,7 +35,11 @@ SCENARIOS = {
     "random_ids_seeded": ((1, 2), [(32, 48)] * 6, (4, 2), "ring", "random"),
     "auto_ulysses_2_ranks": ((0, 2), [(48, 32)] * 4, (1, 3), "auto", "sequential"),  # 2 heads % 2 ranks == 0
     "auto_ring_3_ranks": ((0, 1, 2), [(32, 48)] * 6, (2, 2, 2), "auto", "sequential"),  # 2 heads % 3 != 0
+    "lean_ring_7_as_3+2+2": ((0, 1, 2), [(32, 48)] * 7, (3, 2, 2), "ring", "sequential"),
+    "lean_ulysses_5_as_2+3": ((0, 1), [(32, 48)] * 5, (2, 3), "ulysses", "sequential"),
 }
+# Scenarios run with memory="lean" (hook layers on the host, blocks in place), in 16-token chunks.
+LEAN = {"lean_ring_7_as_3+2+2", "lean_ulysses_5_as_2+3"}
 
 
 def _scene(shapes):
@@ -57,6 +61,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                            timeout=timedelta(seconds=60))
     torch.set_num_threads(1)
+    memory.LEAN_QUERY_TOKENS = memory.LEAN_MLP_TOKENS = 16
     report: dict = {}
     model = _model()
     for name, (ranks, shapes, shards, method, ids) in SCENARIOS.items():
@@ -70,7 +75,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             first = sum(shards[:me])
             shard = views[first : first + shards[me]]
             out = model(shard, image_ids=ids, seed=7, process_group=group, context_parallel=method,
-                        output_device="cpu")
+                        output_device="cpu", memory="lean" if name in LEAN else "auto")
         report[name] = max(_max_rel(o[k], single[first + i][k]) for i, o in enumerate(out) for k in OUTPUTS)
         report[name + "/views"] = len(out)
     # split_views gives the shards a user starting from the whole list would pass.
