@@ -70,9 +70,14 @@ def head_bytes_per_view(cfg: Fast3RConfig, pixels: int, elem_bytes: int) -> int:
 def chunk_size(device: torch.device, bytes_per_view: int, maximum: int, cpu_default: int) -> int:
     if device.type != "cuda":
         return cpu_default
-    free, _ = torch.cuda.mem_get_info(device)
+    free = _free_bytes(device)
     budget = min(CHUNK_MEMORY_BUDGET, int(free * CHUNK_MEMORY_FRACTION))
     return max(1, min(maximum, budget // max(bytes_per_view, 1)))
+
+
+@torch.compiler.assume_constant_result  # torch.compile reads it once, when it traces, instead of per call
+def _free_bytes(device: torch.device) -> int:
+    return torch.cuda.mem_get_info(device)[0]
 
 
 # ------------------------------------------------------------------------------------ lean chunks
@@ -165,14 +170,18 @@ def available_bytes(device: torch.device) -> int:
 def choose(cfg: Fast3RConfig, mode: str, device: torch.device, work: Workload) -> str:
     """Resolve ``memory=`` to "fast" or "lean".
 
-    "auto" is "fast" off CUDA, while a CUDA graph is being captured (no device queries there), and
-    where the fast plan's peak fits ``AUTO_HEADROOM`` of ``available_bytes``; else "lean".
+    "auto" is "fast" off CUDA, while a CUDA graph is being captured or torch.compile traces (no device
+    queries or side streams there), and where the fast plan's peak fits ``AUTO_HEADROOM`` of
+    ``available_bytes``; else "lean".
     """
     if mode not in MEMORY_MODES:
         raise ValueError(f"memory={mode!r}; choose one of {MEMORY_MODES}")
+    if mode == "lean" and torch.compiler.is_compiling():
+        raise ValueError("memory='lean' runs eagerly (host copies on a side stream); compile with "
+                         "Fast3R.compile(), which leaves the forward eager, or pass memory='fast'")
     if mode != "auto":
         return mode
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
         return "fast"
     fits = plan_peak(cfg, "fast", work) <= AUTO_HEADROOM * available_bytes(device)
     return "fast" if fits else "lean"
