@@ -77,12 +77,12 @@ class StageTimer:
     counts everything alive during it; readings at every boundary keep the forward's overall peak.
     """
 
-    def __init__(self, model: Fast3R):
+    def __init__(self, model: Fast3R, per_block: bool = True):
         self.pairs: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {s: [] for s in STAGES}
         self.peaks: dict[str, int] = {s: 0 for s in STAGES}
         self.overall = self.overall_reserved = 0
         self.blocks: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # each fusion block on its own
-        for block in model.decoder.dec_blocks:
+        for block in model.decoder.dec_blocks if per_block else ():  # hooks of a compiled block would be traced
             block.register_forward_pre_hook(self._start_block)
             block.register_forward_hook(self._stop_block)
         for stage, names in STAGES.items():
@@ -175,8 +175,9 @@ def build_model(backend: str, checkpoint: str | None, device: str) -> Fast3R:
         dtype = torch.bfloat16 if device == "cuda" else torch.float32  # as for random weights
         return Fast3R.from_pretrained(checkpoint, backend=backend, device=device, dtype=dtype)
     preset = "large" if device == "cuda" else "tiny"
-    model = Fast3R(preset, backend=backend.removesuffix("+graph"))
-    return model.to(device, torch.bfloat16 if device == "cuda" else torch.float32).eval()
+    model = Fast3R(preset, backend=backend.split("+")[0])
+    model = model.to(device, torch.bfloat16 if device == "cuda" else torch.float32).eval()
+    return model.compile() if "+compile" in backend else model  # Fast3R.compile(): regional, default mode
 
 
 class Scene:
@@ -229,14 +230,20 @@ def measure_point(model: Fast3R, timer: StageTimer | None, scene: Scene, repeats
             seconds.append(time.perf_counter() - start)
             if timer:
                 stages.append(timer.seconds())
+        else:
+            first_call = time.perf_counter() - start  # includes compilation (kernels, torch.compile, graphs)
         peaks = timer.peak_gib() if timer else {}
         used = nvml_used_gib() if device == "cuda" else None
         del out
     record = {"seconds": statistics.median(seconds), "all_seconds": [round(s, 4) for s in seconds],
               "views_per_second": len(scene.images) * _world() / statistics.median(seconds), "warmup": warmup}
+    if warmup:
+        record["first_call_seconds"] = round(first_call, 3)
     if device == "cuda" and not graph:  # a replayed graph runs no module hooks: no stage split
         record.update({f"seconds_{s}": _max_over_ranks(statistics.median(x[s] for x in stages))
                        for s in (*STAGES, "fusion_blocks")})
+        if not timer.blocks:
+            record["seconds_fusion_blocks"] = None  # compiled blocks are not timed one by one
         record.update({key: _max_over_ranks(value) for key, value in peaks.items()})
     elif device == "cuda":
         record["peak_gib"] = _max_over_ranks(torch.cuda.max_memory_allocated() / 2**30)
@@ -313,8 +320,10 @@ def run(args: argparse.Namespace) -> dict:
     else:
         views = sorted(set(args.points) if args.points else {v for v in DEFAULT_VIEWS if v <= args.views} | {args.views})
     backends = args.backend if device == "cuda" else ["torch"]
+    if device == "cuda" and args.compile:
+        backends = [*backends, *(f"{b}+compile" for b in args.backend)]
     if device == "cuda" and _world() == 1 and args.cuda_graph_max_views and "triton" in backends:
-        backends = [*backends, "triton+graph"]
+        backends = [*backends, "triton+graph", *(["triton+compile+graph"] if args.compile else [])]
     if device == "cpu":
         what = f"checkpoint {args.checkpoint}" if args.checkpoint else "tiny preset"
         print(f"No CUDA GPU: running the {what} on the CPU with {list(views)} views and the torch backend "
@@ -334,7 +343,7 @@ def run(args: argparse.Namespace) -> dict:
         depth = len(model.decoder.dec_blocks)
         layers_run = args.fusion_layers or depth
         spare = run_fewer_fusion_layers(model, layers_run)  # held: the other blocks' weights stay resident
-        timer = StageTimer(model) if device == "cuda" else None
+        timer = StageTimer(model, per_block="+compile" not in backend) if device == "cuda" else None
         for n in views:
             if graph and n > args.cuda_graph_max_views:
                 continue
@@ -474,6 +483,9 @@ def parser() -> argparse.ArgumentParser:
                         help="run only the first K fusion blocks and extrapolate the time (see above)")
     parser.add_argument("--memory-cap-gib", type=float, metavar="GIB",
                         help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time each backend after Fast3R.compile() (+compile rows; first_call_seconds "
+                             "holds the compile time), and the compiled triton model replayed as a CUDA graph")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     return parser
 

@@ -31,7 +31,7 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import tuning
@@ -532,7 +532,12 @@ def _rope(pos, cos, sin):
     return None if pos is None else (pos, cos, sin)
 
 
-@triton_op("fast3r::attention", mutates_args=())
+# torch.compile / export see attention as one custom op that Inductor calls as an opaque kernel (not a
+# triton_op it traces into): its kernels read every tile through host-side TMA descriptors, which PyTorch's
+# non-Dynamo tracing cannot capture yet (torch 2.11-2.13, triton_kernel_wrap: "TMA descriptor capturing not
+# yet supported in non-dynamo tracing"). LayerNorm, patch embedding and upsampling use plain pointers and are
+# triton_ops. Either way compile, export and CUDA-graph capture work.
+@torch.library.custom_op("fast3r::attention", mutates_args=())
 def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, layout: str,
                  rope_pos: torch.Tensor | None, rope_cos: torch.Tensor | None,
                  rope_sin: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -544,7 +549,13 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
         return attention_forward(q, k, v, scale, layout, rope, return_lse=True)
 
 
-@triton_op("fast3r::attention_backward", mutates_args=())
+@attention_op.register_fake
+def _attention_shapes(q, k, v, scale, layout, rope_pos, rope_cos, rope_sin):
+    b, h, l_q, _ = _dims(q, layout)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((b, h, l_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("fast3r::attention_backward", mutates_args=())
 def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                           lse: torch.Tensor, scale: float, layout: str, rope_pos: torch.Tensor | None,
                           rope_cos: torch.Tensor | None,
@@ -554,6 +565,11 @@ def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
         return reference_attention_backward(do, q, k, v, out, lse, scale, layout, rope)
     with device_guard(q.device):
         return attention_backward(do, q, k, v, out, lse, scale, layout, rope)
+
+
+@attention_backward_op.register_fake
+def _attention_backward_shapes(do, q, k, v, out, lse, scale, layout, rope_pos, rope_cos, rope_sin):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _attention_setup(ctx, inputs, output):
