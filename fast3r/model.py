@@ -106,6 +106,9 @@ class Fast3R(nn.Module):
         """
         if memory not in MEMORY_MODES:
             raise ValueError(f"memory={memory!r}; choose one of {MEMORY_MODES}")
+        if not cuda_graph and getattr(self, "_replay_graphs", False):  # Fast3R.compile(mode="reduce-overhead")
+            cuda_graph = (isinstance(images, torch.Tensor) and images.is_cuda and process_group is None
+                          and memory != "lean" and not self.training and not torch.is_grad_enabled())
         if cuda_graph:
             if memory == "lean":
                 raise ValueError("cuda_graph=True captures the fast plan (the lean one copies to host memory on a "
@@ -258,11 +261,16 @@ class Fast3R(nn.Module):
         three small graphs, not of the whole unrolled forward. The first scene compiles them for its
         shapes; a scene of another view count recompiles them once with symbolic token and view
         dimensions (torch.compile's automatic dynamic shapes), and no view count after that does;
-        ``dynamic=True`` starts symbolic. The per-view bookkeeping between them stays eager Python. ``mode="reduce-overhead"`` replays
-        each compiled region as a CUDA graph. Returns the model (compiled in place), so
+        ``dynamic=True`` starts symbolic. The per-view bookkeeping between them stays eager Python.
+        ``mode="reduce-overhead"``: the regions compile in the default mode and every inference
+        forward on a CUDA tensor then replays as one CUDA graph (``cuda_graph=True``); per-region
+        graphs (Inductor's cudagraph trees) would overwrite a block's output at the next block's
+        replay while the heads still hold it. Returns the model (compiled in place), so
         ``Fast3R(...).compile()`` chains. ``torch.compile(model)`` works too; it traces the whole
         forward, and then recompiles for every new view count (the output is a list of N dicts).
         """
+        self._replay_graphs = mode == "reduce-overhead"
+        mode = None if self._replay_graphs else mode
         blocks = [*self.encoder.enc_blocks, *self.decoder.dec_blocks]
         heads = [h.dpt for h in (self.downstream_head, self.downstream_head_local) if h is not None]
         for module in (*blocks, *heads):
