@@ -30,6 +30,7 @@ from .checkpoint import CheckpointError
 from .images import SIZES
 from .inputs import NoImagesFoundError, UnreadableImageError, Views, count_work, find_sources, load_views
 from .model import BACKENDS, Fast3R
+from .train import command as train_command
 from .video import UnreadableVideoError
 
 RELEASED_WEIGHTS = "jedyang97/Fast3R_ViT_Large_512"
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"comma-separated, from {','.join(exporting.FORMATS)} (default: all)")
     rec.add_argument("--conf-percentile", type=_percentile, default=exporting.DEFAULT_CONF_PERCENTILE, metavar="P",
                      help="point clouds keep each view's points above this confidence percentile (default 10)")
+    train_command.add_parser(commands)
     return parser
 
 
@@ -141,6 +143,8 @@ def _percentile(text: str) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fast3r`` console command; returns the exit status."""
     args = build_parser().parse_args(argv)
+    if args.command == "train":
+        return train_command.run(args)
     try:
         summary = reconstruct(args)
     except USER_ERRORS as err:
