@@ -8,7 +8,7 @@ import torch
 import train_cases
 import yaml
 
-from fast3r import Fast3R
+from fast3r import Fast3R, Fast3RConfig
 from fast3r.cli import main
 from fast3r.train.state import latest
 
@@ -25,7 +25,7 @@ TINY_CPU = Path(__file__).parents[1] / "configs" / "train" / "tiny_cpu.yaml"  # 
 def config_file(tmp_path):
     """The shipped CPU config, shortened: 3 steps, validation at 0, 2 and 3, checkpoints at 2 and 3."""
     path = tmp_path / "tiny.yaml"
-    values = {**yaml.safe_load(TINY_CPU.read_text()), "out": str(tmp_path / "run"), "steps": 3, "val_every": 2,
+    values = {**yaml.safe_load(TINY_CPU.read_text()), "out": str(tmp_path / "run"), "steps": 3, "warmup": 1, "val_every": 2,
               "save_every": 2, "log_every": 1, "val_data": train_cases.HELD_OUT[:1]}
     path.write_text(yaml.safe_dump(values))
     return path
@@ -48,8 +48,9 @@ def test_train_writes_every_output_and_resumes(tmp_path, config_file, capsys):
     pytest.importorskip("tensorboard")
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
-    # The final weights load with the (official-layout) loader and are the trained ones.
-    model = Fast3R.from_pretrained(run / "model")
+    # The final weights load and are the trained ones. This small model's head widths are not in the official
+    # config.json (the official code fixes them), so the run wrote fast3r_config.yaml beside it.
+    model = Fast3R.from_pretrained(run / "model", config=Fast3RConfig.from_yaml(run / "model" / "fast3r_config.yaml"))
     trained = torch.load(latest(run) / "state.pt", weights_only=True)["model"]
     assert all(torch.equal(model.state_dict()[k], trained[k]) for k in trained)
     assert model.config.random_image_index  # trained with image_ids: random, so inference draws them too

@@ -92,6 +92,14 @@ def test_bad_values_are_named(key, value, message):
         TrainConfig.from_dict(values)
 
 
+def test_overrides_apply_before_the_file_is_checked(tmp_path):
+    """A file that is only valid with its --set (steps below the file's warmup) reads."""
+    path = write(tmp_path, {"data": DATA, "steps": 100, "warmup": 10})
+    assert TrainConfig.from_yaml(path, ["steps=5", "warmup=0"]).steps == 5
+    with pytest.raises(ConfigError, match=rf"{path}: unknown training config key 'stepz'"):
+        TrainConfig.from_yaml(path, ["stepz=5"])
+
+
 def test_bad_set_syntax():
     with pytest.raises(ConfigError, match="expected key=value"):
         TrainConfig(data=DATA).with_overrides(["lr"])

@@ -11,6 +11,7 @@ import torch
 import train_cases
 from train_cases import small_config
 
+from fast3r import Fast3R
 from fast3r.train import loop, train
 from fast3r.train.config import ConfigError
 from fast3r.train.memory_plan import TrainingOutOfMemoryError
@@ -85,6 +86,15 @@ def test_overfits_a_few_scenes(tmp_path):
     assert end <= start / 2, (start, end)
     assert distance_end <= distance_start / 2, (distance_start, distance_end)
     assert summary["seconds"] < 120
+
+
+def test_final_weights_of_an_official_architecture_load_with_from_pretrained_alone(tmp_path):
+    """The `tiny` preset (the golden fixtures' model; official head widths): config.json says everything."""
+    summary = train(small_config(tmp_path / "tiny", model="tiny", views=2, steps=1, image_ids="sequential"))
+    model = Fast3R.from_pretrained(summary["weights"])
+    trained = final_state(tmp_path / "tiny")["model"]
+    assert all(torch.equal(model.state_dict()[k], trained[k]) for k in trained)
+    assert not model.config.random_image_index and not (tmp_path / "tiny" / "model" / "fast3r_config.yaml").exists()
 
 
 def test_freeze_keeps_the_encoder(tmp_path):

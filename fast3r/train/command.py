@@ -45,9 +45,9 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("pass a CONFIG.yaml, or --resume RUN_DIR to continue a run")
         config = None
         if args.config is not None:
-            config = TrainConfig.from_yaml(args.config).with_overrides(args.overrides)
-        elif args.overrides:
-            config = TrainConfig.from_yaml(args.resume / "config.yaml").with_overrides(args.overrides)
+            config = TrainConfig.from_yaml(args.config, args.overrides)
+        elif args.overrides:  # the run's own config, changed
+            config = TrainConfig.from_yaml(args.resume / "config.yaml", args.overrides)
         summary = train(config, resume=args.resume)
     except errors as err:
         print(f"fast3r train: error: {err}", file=sys.stderr)

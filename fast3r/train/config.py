@@ -111,8 +111,8 @@ class TrainConfig:
         return cls(**values)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> TrainConfig:
-        """Read a YAML file of training keys; errors name the file."""
+    def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+        """Read a YAML file of training keys, then apply ``key=value`` overrides; errors name the file."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"training config {path} does not exist")
@@ -120,25 +120,16 @@ class TrainConfig:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path} is not valid YAML: {err}") from err
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{path} holds a YAML {type(values).__name__}; expected a mapping of training keys")
         try:
-            return cls.from_dict(values)
+            return cls.from_dict({**values, **parse_overrides(overrides)})
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from err
 
     def with_overrides(self, assignments: Sequence[str]) -> TrainConfig:
         """Apply ``key=value`` strings (values in YAML syntax: ``lr=3e-5``, ``freeze=[encoder]``)."""
-        values = self.to_dict()
-        for text in assignments:
-            key, sep, raw = text.partition("=")
-            if not sep or not key.strip():
-                raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set lr=3e-5")
-            key = key.strip()
-            check_key(key)
-            try:
-                values[key] = yaml.safe_load(raw)
-            except yaml.YAMLError as err:
-                raise ConfigError(f"--set {text!r}: the value is not valid YAML ({err})") from err
-        return TrainConfig.from_dict(values)
+        return TrainConfig.from_dict({**self.to_dict(), **parse_overrides(assignments)})
 
     def replace(self, **changes: Any) -> TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **changes})
@@ -170,6 +161,22 @@ def architecture(model: str | Mapping[str, Any]) -> Fast3RConfig | None:
 
 
 KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def parse_overrides(assignments: Sequence[str]) -> dict[str, Any]:
+    """``["lr=3e-5", "freeze=[encoder]"]`` -> {"lr": "3e-5", "freeze": ["encoder"]} (values read as YAML)."""
+    values = {}
+    for text in assignments:
+        key, sep, raw = text.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set lr=3e-5")
+        key = key.strip()
+        check_key(key)
+        try:
+            values[key] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {text!r}: the value is not valid YAML ({err})") from err
+    return values
 # What other trainers (and the official Hydra configs) call some of our keys; spelling is not close enough for difflib.
 ALIASES = {"learning_rate": "lr", "num_views": "views", "num_views_val": "val_views", "max_steps": "steps",
            "batch_size_per_device": "batch_size", "num_workers": "workers", "gradient_clip_val": "clip",

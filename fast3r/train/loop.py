@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .. import checkpoint
+from ..config import Fast3RConfig
 from ..fusion import sample_image_indices
 from ..loss import fast3r_loss
 from ..model import Fast3R
@@ -52,6 +53,7 @@ from .precision import apply_precision
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_DIR = "model"
+ARCHITECTURE_FILE = "fast3r_config.yaml"  # beside config.json, for architectures the official format cannot hold
 FREEZABLE_PARTS = {"encoder": "encoder", "fusion": "decoder", "head": "downstream_head",
                    "local_head": "downstream_head_local"}
 
@@ -132,14 +134,28 @@ def _train(run: Run) -> dict[str, Any]:
         log.close()
     weights = run.run_dir / WEIGHTS_DIR
     if world.main:
-        trained = dataclasses.replace(run.model.config, random_image_index=config.image_ids == "random")
-        checkpoint.save(run.model, trained, weights)
+        save_weights(run.model, dataclasses.replace(run.model.config, random_image_index=config.image_ids == "random"),
+                     weights, log)
         plot_curves(run.run_dir, title=f"fast3r train: {run.run_dir.name}")
     distributed.barrier(world)
     return {"steps": run.step, "first_loss": first_loss, "final_loss": record.get("loss"),
             "skipped_batches": run.counters["bad_batches"], "seconds": time.perf_counter() - started,
             "run_dir": str(run.run_dir), "weights": str(weights), "checkpoint": str(state.latest(run.run_dir)),
             "curves": str(run.run_dir / CURVES)}
+
+
+def save_weights(model: Fast3R, architecture: Fast3RConfig, directory: Path, log: RunLog) -> None:
+    """``save_pretrained``'s official layout; plus ``fast3r_config.yaml`` where config.json cannot say it all.
+
+    The official config.json has no field for the DPT heads' widths (the official code fixes them), so a model
+    with other ``head_feature_dim`` / ``head_layer_dims`` would load with the wrong heads from config.json alone.
+    """
+    checkpoint.save(model, architecture, directory)
+    if Fast3RConfig.from_official_args(**architecture.to_official_args()) != architecture:
+        architecture.to_yaml(directory / ARCHITECTURE_FILE)
+        log.message(f"{directory}: config.json cannot describe this architecture (the official format fixes the "
+                    f"heads' widths); load it with Fast3R.from_pretrained(dir, config=Fast3RConfig.from_yaml("
+                    f"dir / {ARCHITECTURE_FILE!r}))")
 
 
 # ------------------------------------------------------------------------------------------ the step
