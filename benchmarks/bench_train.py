@@ -200,6 +200,8 @@ def measure_step(backend: str, size: int, views: int, checkpointing: str, *, war
         record["warmup_step"] = warmup
     except TrainingOutOfMemoryError as err:
         record.update(oom=True, message=str(err))
+    except torch.cuda.OutOfMemoryError as err:  # outside the step (the batch's copy to the GPU)
+        record.update(oom=True, message=str(err).splitlines()[0])
     finally:
         del run, model, optimizer, batch
         _free()

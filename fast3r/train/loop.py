@@ -203,7 +203,10 @@ def train_step(run: Run, micro_batches: list[dict], log: RunLog) -> dict[str, An
     if not math.isfinite(loss):
         raise TrainingDivergedError(f"the loss is {loss} at step {run.step + 1} (lr {lr:.3g}): lower lr, "
                                     "raise warmup, or set clip (e.g. clip: 1.0)")
-    run.optimizer.step()
+    try:
+        run.optimizer.step()  # the first step allocates AdamW's moments: 8 bytes per parameter
+    except torch.cuda.OutOfMemoryError as err:
+        raise TrainingOutOfMemoryError(oom_message(run, images)) from err
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - start
