@@ -40,6 +40,7 @@ from .checkpoint import CheckpointError
 from .images import SIZES
 from .inputs import NoImagesFoundError, Source, UnreadableImageError, Views, count_work, find_sources, load_views
 from .model import BACKENDS, Fast3R
+from .train import command as train_command
 from .video import UnreadableVideoError
 
 RELEASED_WEIGHTS = "jedyang97/Fast3R_ViT_Large_512"
@@ -122,8 +123,14 @@ def add_reconstruct(commands: argparse._SubParsersAction) -> None:
     rec.set_defaults(run=run_reconstruct)
 
 
+def add_train(commands: argparse._SubParsersAction) -> None:
+    """``fast3r train`` (fast3r.train.command: its parser, and its own error messages)."""
+    train_command.add_parser(commands)
+    commands.choices["train"].set_defaults(run=train_command.run)
+
+
 # `fast3r view`, `fast3r train`, ...: one add_* function each, like add_reconstruct.
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_reconstruct,)
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_reconstruct, add_train)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,168 @@
+"""Does training work? A small Fast3R learns the synthetic scenes, in both training precisions, on one GPU.
+
+    python benchmarks/learning_run.py                       # one H200: <= 8 minutes for both precisions
+    python benchmarks/learning_run.py --cpu-check           # the same code, a few steps on the CPU
+
+Trains ``MODEL`` (a 6 + 6 block, 256-wide Fast3R, 13M parameters) from scratch with ``fast3r.train.train``
+on procedural scenes (``{format: synthetic}`` of fast3r.train.data: exact depth and cameras), 8 views of
+224 x 224 per sample, 4 samples per step, AdamW 1e-3 with warm-up and cosine, once with
+``precision: bf16-mixed`` and once with ``precision: official``, on the same samples in the same order.
+The number of steps fills ``--minutes`` per precision: a 30-step probe (official precision, the slower)
+measures the step rate with data loading, and both runs get the same step count.
+
+Reported per precision (``results/learning_run_<gpu>.json`` and a PNG beside it): the loss and the mean
+point distance at the start and the end (the loss can end below 0, since the confidence term is
+-0.2 log conf, so the distance is the ratio that reads as "learned"); on held-out scenes the validation
+before training (the untrained model) and after, RRA@15, RTA@15, mAA@30 and pointmap accuracy, and
+what identity cameras score on the same scenes. The issue's checks: loss down >= 3x; RRA@15 and RTA@15
+each >= 20 points above both the untrained model and identity poses; accuracy >= 2x better (half the
+distance) than untrained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fast3r.train import TrainConfig, loop, train
+from fast3r.train.evaluate import identity_pose_metrics
+from fast3r.train.logging import read_metrics
+
+MODEL = {"enc_dim": 256, "enc_depth": 6, "enc_heads": 4, "fusion_dim": 256, "fusion_depth": 6, "fusion_heads": 4,
+         "head_feature_dim": 64, "head_layer_dims": [32, 64, 128, 256]}
+TRAIN_SCENES = [{"format": "synthetic", "scenes": 512, "seed": 0}]
+HELD_OUT = [{"format": "synthetic", "scenes": 16, "seed": 100_000}]
+PRECISIONS = ("bf16-mixed", "official")
+PROBE_STEPS = 30
+CHECKS = {"loss_ratio": 3.0, "pose_points": 0.20, "accuracy_ratio": 2.0}
+
+
+def config(out: Path, precision: str, steps: int, cpu: bool) -> TrainConfig:
+    return TrainConfig(
+        model=MODEL, data=TRAIN_SCENES, val_data=HELD_OUT, views=8, val_views=8, size=224,
+        batch_size=1 if cpu else 4, workers=2 if cpu else min(12, os.cpu_count() or 1),
+        steps=steps, lr=1e-3, min_lr=1e-5, warmup=max(1, min(100, steps // 10)), weight_decay=0.05, clip=1.0,
+        precision=precision, checkpointing="none", backend="torch" if cpu else "auto", device="cpu" if cpu else "cuda",
+        image_ids="random", out=str(out), seed=0, log_every=max(1, steps // 60), val_every=max(1, steps // 2),
+        save_every=steps)
+
+
+def step_rate(root: Path, cpu: bool) -> float:
+    """Seconds per step, data loading included, of the slower precision (official)."""
+    probe = config(root / "probe", "official", PROBE_STEPS, cpu).replace(val_data=[])
+    summary = train(probe)
+    steps = [r for r in read_metrics(root / "probe") if r["kind"] == "train" and r["step"] > 5]
+    measured = sum(r["step_s"] for r in steps) / len(steps)
+    print(f"probe: {measured:.3f} s per step ({summary['seconds']:.0f} s for {PROBE_STEPS} steps)", file=sys.stderr)
+    return measured
+
+
+def summarize(run_dir: Path, identity: dict[str, float]) -> dict:
+    records = read_metrics(run_dir)
+    steps = [r for r in records if r["kind"] == "train" and r["loss"] is not None]
+    vals = [r for r in records if r["kind"] == "val"]
+    window = max(1, len(steps) // 10)
+    start = {k: sum(r[k] for r in steps[:3]) / 3 for k in ("loss", "regr")}
+    end = {k: sum(r[k] for r in steps[-window:]) / window for k in ("loss", "regr")}
+    before, after = vals[0], vals[-1]
+    out = {"steps": steps[-1]["step"], "loss_start": start["loss"], "loss_end": end["loss"],
+           "distance_start": start["regr"], "distance_end": end["regr"],
+           "distance_ratio": start["regr"] / end["regr"],
+           "untrained": {k: before[k] for k in ("loss", "RRA@15", "RTA@15", "mAA@30", "accuracy")},
+           "trained": {k: after[k] for k in ("loss", "RRA@15", "RTA@15", "mAA@30", "accuracy")},
+           "identity_poses": identity}
+    out["checks"] = {
+        "loss_down_3x": end["loss"] <= start["loss"] / CHECKS["loss_ratio"],
+        "distance_down_3x": out["distance_ratio"] >= CHECKS["loss_ratio"],
+        **{f"{m}_20_points_above_untrained": after[m] - before[m] >= CHECKS["pose_points"] for m in ("RRA@15", "RTA@15")},
+        **{f"{m}_20_points_above_identity": after[m] - identity[m] >= CHECKS["pose_points"] for m in ("RRA@15", "RTA@15")},
+        "accuracy_2x_untrained": before["accuracy"] / after["accuracy"] >= CHECKS["accuracy_ratio"],
+    }
+    return out
+
+
+def plot(runs: dict[str, Path], identity: dict[str, float], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
+    for precision, run_dir in runs.items():
+        records = read_metrics(run_dir)
+        steps = [r for r in records if r["kind"] == "train" and r["loss"] is not None]
+        vals = [r for r in records if r["kind"] == "val"]
+        axes[0].plot([r["step"] for r in steps], [r["regr"] for r in steps], label=f"{precision}: point distance")
+        axes[0].plot([r["step"] for r in steps], [r["loss"] for r in steps], "--", label=f"{precision}: loss")
+        for ax, key in zip(axes[1:], ("RRA@15", "RTA@15", "accuracy")):
+            ax.plot([r["step"] for r in vals], [r[key] for r in vals], "o-", label=precision)
+    for ax, key in zip(axes[1:3], ("RRA@15", "RTA@15")):
+        ax.axhline(identity[key], color="gray", linestyle=":", label="identity poses")
+    axes[0].set_title("training (synthetic scenes)")
+    for ax, key in zip(axes[1:], ("RRA@15", "RTA@15", "accuracy")):
+        ax.set_title(f"held-out {key}" + (" (lower is better)" if key == "accuracy" else ""))
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--minutes", type=float, default=2.75, help="training time per precision (default 2.75: "
+                        "with the probe and 3 validations per run, under 8 minutes in all)")
+    parser.add_argument("--steps", type=int, help="fixed step count instead of --minutes")
+    parser.add_argument("--cpu-check", action="store_true", help="a short run on the CPU (logic, not the result)")
+    parser.add_argument("--out", type=Path, help="results JSON (default results/learning_run_<gpu>.json)")
+    args = parser.parse_args()
+    cpu = args.cpu_check or not torch.cuda.is_available()
+    if cpu:
+        print("CPU check: a short run to see the loss fall and the metrics move; not the GPU result", file=sys.stderr)
+    started = time.perf_counter()
+    name = "cpu" if cpu else _gpu_name()
+    out = args.out or Path(__file__).resolve().parent / "results" / f"learning_run_{name}.json"
+    with tempfile.TemporaryDirectory(prefix="fast3r_learning_") as tmp:
+        root = Path(tmp)
+        steps = args.steps or max(20, int(args.minutes * 60 / step_rate(root, cpu)))
+        print(f"{steps} steps per precision", file=sys.stderr)
+        identity = identity_pose_metrics(loop.build_datasets(config(root, "official", steps, cpu))[1])
+        runs, results = {}, {}
+        for precision in PRECISIONS:
+            runs[precision] = root / precision
+            summary = train(config(runs[precision], precision, steps, cpu))
+            results[precision] = {**summarize(runs[precision], identity), "seconds": summary["seconds"]}
+            print(json.dumps({precision: results[precision]}, indent=1), file=sys.stderr)
+        document = {"gpu": "cpu" if cpu else torch.cuda.get_device_name(), "torch": torch.__version__,
+                    "model": MODEL, "config": config(Path("RUN"), "bf16-mixed", steps, cpu).to_dict(),
+                    "steps": steps, "total_seconds": time.perf_counter() - started, "runs": results,
+                    "all_checks_pass": all(all(r["checks"].values()) for r in results.values())}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(document, indent=1))
+        plot(runs, identity, out.with_suffix(".png"),
+             f"learning run: {steps} steps per precision, {document['total_seconds'] / 60:.1f} min in all")
+    print(json.dumps({p: r["checks"] for p, r in results.items()}, indent=1))
+    print(f"wrote {out} and {out.with_suffix('.png')} ({document['total_seconds'] / 60:.1f} min)")
+    return 0
+
+
+def _gpu_name() -> str:
+    from timing import gpu_name
+
+    return gpu_name()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

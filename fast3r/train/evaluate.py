@@ -1,0 +1,107 @@
+"""Validation on held-out scenes, with the metrics the Fast3R paper reports.
+
+Per validation sample (one scene, ``val_views`` views): the model runs in eval mode (as the
+official validation: the fusion blocks' eval-mode softmax temperature applies), then
+- ``loss``: ``fast3r_loss`` on the sample;
+- ``RRA@15``, ``RTA@15``, ``mAA@30`` (fast3r.metrics.pose_metrics, fractions in [0, 1]) of the
+  cameras ``fast3r.estimate_cameras`` recovers from the predicted pointmaps, against the ground
+  truth poses;
+- ``accuracy`` / ``completion`` (fast3r.metrics.pointmap_accuracy_completion, in the ground truth's
+  units, lower is better): the global pointmap aligned to the ground truth (confidence-weighted
+  similarity), then nearest-neighbour distances, on ``VAL_POINTS`` valid pixels drawn once per sample
+  (the same pixels for every model, so numbers compare across checkpoints; exact nearest neighbours
+  over all pixels of 10 views at 512 px would cost more than the step).
+The numbers are means over the samples; the ranks split the samples and sum.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..cameras import estimate_cameras
+from ..fusion import sample_image_indices
+from ..loss import fast3r_loss
+from ..metrics import pointmap_accuracy_completion, pose_metrics
+from . import distributed
+from .distributed import World
+
+VAL_POINTS = 10_000
+METRICS = ("loss", "RRA@15", "RTA@15", "mAA@30", "accuracy", "completion")
+POSE_METRICS = ("RRA@15", "RTA@15", "mAA@30")
+VAL_SEED = 777  # the official validation sets seed=777
+
+
+@torch.no_grad()
+def validate(model: nn.Module, dataset: Dataset, world: World, *, autocast: Callable[[], AbstractContextManager],
+             image_ids: str, cameras: str) -> dict[str, float]:
+    """Mean metrics over ``dataset`` (every rank calls this with the same dataset)."""
+    was_training = model.training
+    model.eval()
+    totals = dict.fromkeys((*METRICS, "samples"), 0.0)
+    try:
+        for index in range(world.rank, len(dataset), world.size):
+            for key, value in evaluate_sample(model, dataset[index], index, world.device, autocast=autocast,
+                                              image_ids=image_ids, cameras=cameras).items():
+                totals[key] += value
+            totals["samples"] += 1
+    finally:
+        model.train(was_training)
+    totals = distributed.sum_over_ranks(totals, world)
+    count = max(totals.pop("samples"), 1)
+    return {key: value / count for key, value in totals.items()}
+
+
+def evaluate_sample(model: nn.Module, sample: dict, index: int, device: torch.device, *,
+                    autocast: Callable[[], AbstractContextManager], image_ids: str, cameras: str) -> dict[str, float]:
+    images = sample["images"].to(device)
+    views = images.shape[0]
+    if image_ids == "random":
+        ids = sample_image_indices(1, views, torch.Generator().manual_seed(VAL_SEED + index))
+    else:
+        ids = torch.arange(views)[None]
+    with autocast():
+        preds = model(images[None], image_ids=ids)
+    gts = [{"pts3d": sample["pts3d"][v][None].to(device), "valid_mask": sample["valid_mask"][v][None].to(device),
+            "camera_pose": sample["camera_pose"][v][None].to(device)} for v in range(views)]
+    loss, _ = fast3r_loss(preds, gts)
+    per_view = [{key: value[0].float() for key, value in view.items()} for view in preds]
+    with warnings.catch_warnings():  # an untrained model's focal is clamped on every sample: the metric says it
+        warnings.filterwarnings("ignore", message="estimated focal out of")
+        found = estimate_cameras(per_view, method=cameras)
+    out = {"loss": float(loss), **_pose(found["cam2world"], sample["camera_pose"])}
+    out.update(_pointmap(per_view, sample, index))
+    return out
+
+
+def identity_pose_metrics(dataset: Dataset) -> dict[str, float]:
+    """What cameras that never move score on ``dataset``: the floor a trained model must clear."""
+    totals = dict.fromkeys(POSE_METRICS, 0.0)
+    for index in range(len(dataset)):
+        truth = dataset[index]["camera_pose"]
+        for key, value in _pose(torch.eye(4).repeat(truth.shape[0], 1, 1), truth).items():
+            totals[key] += value
+    return {key: value / max(len(dataset), 1) for key, value in totals.items()}
+
+
+def _pose(cam2world: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
+    metrics = pose_metrics(cam2world.double().cpu(), truth.double().cpu(), thresholds=(15,))
+    return {key: metrics[key] for key in POSE_METRICS}
+
+
+def _pointmap(preds: list[dict[str, torch.Tensor]], sample: dict, index: int) -> dict[str, float]:
+    points = torch.stack([view["pts3d_in_other_view"] for view in preds]).cpu()
+    conf = torch.stack([view["conf"] for view in preds]).cpu()
+    valid = sample["valid_mask"].bool()
+    flat = valid.flatten().nonzero()[:, 0]
+    if len(flat) > VAL_POINTS:
+        chosen = torch.randperm(len(flat), generator=torch.Generator().manual_seed(VAL_SEED + index))[:VAL_POINTS]
+        flat = flat[chosen]
+    metrics = pointmap_accuracy_completion(points.reshape(-1, 3)[flat], sample["pts3d"].reshape(-1, 3)[flat].float(),
+                                           weights=conf.reshape(-1)[flat])
+    return {"accuracy": metrics["accuracy"], "completion": metrics["completion"]}

@@ -1,0 +1,48 @@
+"""benchmarks/bench_train.py on a machine without a GPU: every item kind runs through the script's code (a small
+model, fp32), the JSON merges item by item, and malformed items are refused before any work."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import train_cases
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    yield from train_cases.one_cpu_thread()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "bench_train.py")
+bench_train = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench_train)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU smoke run; on a GPU the script is the benchmark")
+def test_cpu_smoke_run_writes_every_item(tmp_path, capsys):
+    out = tmp_path / "train_cpu.json"
+    items = ["step:torch:224:2:blocks", "forward:torch:224:2", "maxviews:torch:224", "official:224:2"]
+    assert bench_train.main([*items, "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    step = doc["items"]["step:torch:224:2:blocks"]
+    assert step["step_s"] > 0 and step["views_per_s"] > 0 and step["estimate_gib"] > 0
+    assert step["loss"] == step["loss"] and step["warmup_step"]  # finite, after a warm-up step
+    assert doc["items"]["forward:torch:224:2"]["forward_s"] > 0
+    assert [p["views"] for p in doc["items"]["maxviews:torch:224"]["probes"]] == [2, 3]
+    assert "skipped" in doc["items"]["official:224:2"] or "step_s" in doc["items"]["official:224:2"]
+    # A second call adds its items and keeps the others.
+    assert bench_train.main(["step:torch:224:2:none", "--out", str(out)]) == 0
+    assert set(json.loads(out.read_text())["items"]) == {*items, "step:torch:224:2:none"}
+    assert "step:torch:224:2:none" in capsys.readouterr().out
+
+
+def test_list_and_bad_items(capsys):
+    assert bench_train.main(["--list"]) == 0
+    listed = capsys.readouterr().out
+    assert "maxviews:triton:512" in listed and "total" in listed
+    for bad in ("step:triton:512:32", "step:cuda:512:32:none", "forward:triton:384:8", "maxviews:torch:512:full"):
+        with pytest.raises(SystemExit, match="bad item"):
+            bench_train.main([bad, "--list"])
