@@ -115,8 +115,9 @@ class FusionTransformer(nn.Module):
         depth, saved = len(self.dec_blocks), None
         for i, block in enumerate(self.dec_blocks, start=1):
             wait = None if saved is None else (lambda b, start, stop, layer=saved: store.wait(layer, b, start, stop))
-            # .forward: eager even after Fast3R.compile() (the plan waits on copy events between its chunks)
-            x = block.forward(x, attend=attend, lean=dataclasses.replace(plan, before_write=wait))
+            # A compiled block's .forward runs eagerly: the plan waits on copy events between its chunks
+            run = block.forward if getattr(block, "_compiled_call_impl", None) is not None else block
+            x = run(x, attend=attend, lean=dataclasses.replace(plan, before_write=wait))
             if i == depth:
                 for b, rows in token_chunks(*x.shape[:2], plan.queries):
                     x[b, rows] = self.dec_norm(x[b, rows])

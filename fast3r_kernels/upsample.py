@@ -46,7 +46,7 @@ def _blocks() -> tuple[int, int]:
 @triton.jit
 def _source(dst, scale, size_in):
     """Source index, its right neighbour and the neighbour's weight, as PyTorch computes them (fp32)."""
-    src = dst.to(tl.float32) * scale
+    src = (dst.to(tl.float32) * scale).to(tl.float32)  # Inductor passes Python floats as fp64
     i0 = src.to(tl.int32)  # src >= 0: truncation is floor
     i1 = tl.minimum(i0 + 1, size_in - 1)
     return i0, i1, src - i0.to(tl.float32)
@@ -84,7 +84,7 @@ def _weights_onto(i, dst, scale, size_in, size_out):
     """Weight with which output index ``dst`` reads input index ``i`` (0 where it does not)."""
     i0, i1, lam = _source(dst, scale, size_in)
     ok = (dst >= 0) & (dst < size_out)
-    return tl.where(ok & (i0 == i), 1.0 - lam, 0.0) + tl.where(ok & (i1 == i), lam, 0.0)
+    return (tl.where(ok & (i0 == i), 1.0 - lam, 0.0) + tl.where(ok & (i1 == i), lam, 0.0)).to(tl.float32)
 
 
 @triton.jit
