@@ -22,6 +22,7 @@ distance) than untrained.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -47,19 +48,22 @@ PROBE_STEPS = 30
 CHECKS = {"loss_ratio": 3.0, "pose_points": 0.20, "accuracy_ratio": 2.0}
 
 
-def config(out: Path, precision: str, steps: int, cpu: bool) -> TrainConfig:
+LR, BATCH = 1e-3, 4
+
+
+def config(out: Path, precision: str, steps: int, cpu: bool, lr: float = LR, batch: int = BATCH) -> TrainConfig:
     return TrainConfig(
         model=MODEL, data=TRAIN_SCENES, val_data=HELD_OUT, views=8, val_views=8, size=224,
-        batch_size=1 if cpu else 4, workers=2 if cpu else min(12, os.cpu_count() or 1),
-        steps=steps, lr=1e-3, min_lr=1e-5, warmup=max(1, min(100, steps // 10)), weight_decay=0.05, clip=1.0,
+        batch_size=1 if cpu else batch, workers=2 if cpu else min(12, os.cpu_count() or 1),
+        steps=steps, lr=lr, min_lr=1e-5, warmup=max(1, min(100, steps // 10)), weight_decay=0.05, clip=1.0,
         precision=precision, checkpointing="none", backend="torch" if cpu else "auto", device="cpu" if cpu else "cuda",
         image_ids="random", out=str(out), seed=0, log_every=max(1, steps // 60), val_every=max(1, steps // 2),
         save_every=steps)
 
 
-def step_rate(root: Path, cpu: bool) -> float:
+def step_rate(root: Path, make) -> float:
     """Seconds per step, data loading included, of the slower precision (official)."""
-    probe = config(root / "probe", "official", PROBE_STEPS, cpu).replace(val_data=[])
+    probe = make(root / "probe", "official", PROBE_STEPS).replace(val_data=[])
     summary = train(probe)
     steps = [r for r in read_metrics(root / "probe") if r["kind"] == "train" and r["step"] > 5]
     measured = sum(r["step_s"] for r in steps) / len(steps)
@@ -125,10 +129,13 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=2.75, help="training time per precision (default 2.75: "
                         "with the probe and 3 validations per run, under 8 minutes in all)")
     parser.add_argument("--steps", type=int, help="fixed step count instead of --minutes")
+    parser.add_argument("--lr", type=float, default=LR, help=f"peak learning rate (default {LR:g})")
+    parser.add_argument("--batch-size", type=int, default=BATCH, help=f"samples per step on the GPU (default {BATCH})")
     parser.add_argument("--cpu-check", action="store_true", help="a short run on the CPU (logic, not the result)")
     parser.add_argument("--out", type=Path, help="results JSON (default results/learning_run_<gpu>.json)")
     args = parser.parse_args()
     cpu = args.cpu_check or not torch.cuda.is_available()
+    make = functools.partial(config, cpu=cpu, lr=args.lr, batch=args.batch_size)
     if cpu:
         print("CPU check: a short run to see the loss fall and the metrics move; not the GPU result", file=sys.stderr)
     started = time.perf_counter()
@@ -136,17 +143,17 @@ def main() -> int:
     out = args.out or Path(__file__).resolve().parent / "results" / f"learning_run_{name}.json"
     with tempfile.TemporaryDirectory(prefix="fast3r_learning_") as tmp:
         root = Path(tmp)
-        steps = args.steps or max(20, int(args.minutes * 60 / step_rate(root, cpu)))
+        steps = args.steps or max(20, int(args.minutes * 60 / step_rate(root, make)))
         print(f"{steps} steps per precision", file=sys.stderr)
-        identity = identity_pose_metrics(loop.build_datasets(config(root, "official", steps, cpu))[1])
+        identity = identity_pose_metrics(loop.build_datasets(make(root, "official", steps))[1])
         runs, results = {}, {}
         for precision in PRECISIONS:
             runs[precision] = root / precision
-            summary = train(config(runs[precision], precision, steps, cpu))
+            summary = train(make(runs[precision], precision, steps))
             results[precision] = {**summarize(runs[precision], identity), "seconds": summary["seconds"]}
             print(json.dumps({precision: results[precision]}, indent=1), file=sys.stderr)
         document = {"gpu": "cpu" if cpu else torch.cuda.get_device_name(), "torch": torch.__version__,
-                    "model": MODEL, "config": config(Path("RUN"), "bf16-mixed", steps, cpu).to_dict(),
+                    "model": MODEL, "config": make(Path("RUN"), "bf16-mixed", steps).to_dict(),
                     "steps": steps, "total_seconds": time.perf_counter() - started, "runs": results,
                     "all_checks_pass": all(all(r["checks"].values()) for r in results.values())}
         out.parent.mkdir(parents=True, exist_ok=True)
