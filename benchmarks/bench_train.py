@@ -67,7 +67,7 @@ SMALL_MODEL = {"enc_dim": 64, "enc_depth": 2, "enc_heads": 2, "fusion_dim": 64, 
 MAX_VIEWS_TARGET = {512: 400, 224: 1000}
 PROBES = {512: (16, 48), 224: (64, 192)}
 MEMORY_FRACTION = 0.92  # of the GPU's memory, for the predicted maximum (allocator fragmentation, CUDA context)
-OFFICIAL_CMD = "{python} benchmarks/official_train_step.py --views {views} --size {size}"
+OFFICIAL_CMD = "{python} benchmarks/official_train_step.py --official .peers/fast3r-official --views {views} --hw {height} {width} --reps 2"
 GROUPS = {
     "targets": [f"step:{b}:512:{v}:{c}" for c in ("none", "blocks") for v in (32, 64) for b in ("triton", "torch")]
     + ["step:triton:512:256:blocks", "forward:triton:512:256", "maxviews:triton:512", "maxviews:triton:224",
