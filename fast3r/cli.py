@@ -3,7 +3,8 @@
     fast3r reconstruct INPUT... --out DIR [--checkpoint PATH_OR_HUB_ID | --random-weights]
         [--size 512|224] [--backend triton|torch] [--dtype bf16|fp32] [--fps F | --every K]
         [--max-views N] [--cameras pnp|procrustes] [--export ply,glb,colmap,nerfstudio,npz]
-        [--conf-percentile P]
+        [--conf-percentile P] [--view [--port P] [--host H] [--max-points N]]
+    fast3r view SCENE_DIR [--port P] [--host H] [--max-points N]     (the browser viewer: fast3r.viewer)
 
 Stages: decode (Pillow / PyAV) -> encoder -> fusion layers -> heads (one forward pass) ->
 cameras (``fast3r.estimate_cameras``) -> export (``fast3r.export``). Each shows a tqdm bar;
@@ -31,6 +32,7 @@ from .images import SIZES
 from .inputs import NoImagesFoundError, UnreadableImageError, Views, count_work, find_sources, load_views
 from .model import BACKENDS, Fast3R
 from .video import UnreadableVideoError
+from .viewer import command as viewing
 
 RELEASED_WEIGHTS = "jedyang97/Fast3R_ViT_Large_512"
 RANDOM_WEIGHTS_PRESET = "tiny"  # what --random-weights builds (a Fast3RConfig or preset name)
@@ -107,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"comma-separated, from {','.join(exporting.FORMATS)} (default: all)")
     rec.add_argument("--conf-percentile", type=_percentile, default=exporting.DEFAULT_CONF_PERCENTILE, metavar="P",
                      help="point clouds keep each view's points above this confidence percentile (default 10)")
+    viewing.add_view_flags(rec)
+    viewing.add_view_command(commands)
     return parser
 
 
@@ -141,12 +145,18 @@ def _percentile(text: str) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fast3r`` console command; returns the exit status."""
     args = build_parser().parse_args(argv)
+    if args.command == "view":
+        return viewing.run(args)
+    if args.view and viewing.check_before_reconstruct(args):
+        return 2
     try:
         summary = reconstruct(args)
     except USER_ERRORS as err:
         print(f"fast3r {args.command}: error: {err}", file=sys.stderr)
         return 2
     print_summary(summary, args.out)
+    if args.view:
+        return viewing.run(argparse.Namespace(scene=args.out, host=args.host, port=args.port, max_points=args.max_points))
     return 0
 
 
