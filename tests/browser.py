@@ -59,7 +59,7 @@ def wait_for_pixels(page, done, timeout: float = 60.0, start: float | None = Non
     """Screenshot until ``done(magenta_pixels)``; returns (seconds since ``start``, the count, the PNG)."""
     start = time.perf_counter() if start is None else start
     while True:
-        png = page.screenshot()
+        png = page.screenshot(timeout=max(30.0, timeout) * 1000)
         count = magenta_pixels(png)
         elapsed = time.perf_counter() - start
         if done(count):

@@ -31,7 +31,8 @@ from fast3r.viewer.scene import (
 )
 
 viser = pytest.importorskip("viser")  # the [view] extra, in [dev]: installed in CI
-from fast3r.viewer.app import SceneViewer, look_through, vertical_fov
+from fast3r.viewer import frusta
+from fast3r.viewer.app import SceneViewer, vertical_fov
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(48, 64)] * 5 + [(64, 48)]  # one portrait view: the npz pads it to 64 x 64 with NaN
@@ -209,7 +210,8 @@ def test_a_port_in_use_is_an_error_when_asked_for_and_moves_on_by_default(scene_
         monkeypatch.setattr(viewing, "DEFAULT_PORT", port)
         out, stop = io.StringIO(), threading.Event()
         thread = threading.Thread(target=viewing.serve, args=(scene_dir,),
-                                  kwargs={"host": "127.0.0.1", "port": None, "stop": stop, "out": out})
+                                  kwargs={"host": "127.0.0.1", "port": None, "stop": stop, "out": out,
+                                          "first_frame_wait_s": 0})
         thread.start()
         try:
             deadline = time.monotonic() + 30
@@ -235,7 +237,7 @@ def test_a_host_that_is_not_this_machine_is_named():
 def viewer(scene_dir):
     server = viewing.start_server("127.0.0.1", 0)
     viewer = SceneViewer(server, open_scene(scene_dir), max_points=8000)
-    viewer.load()
+    viewer.load(first_frame_wait_s=0)  # no browser here
     yield viewer
     server.stop()
 
@@ -246,7 +248,7 @@ def _clouds(viewer, kind):
 
 def test_the_percentile_slider_switches_clouds_and_views_resend_points(viewer):
     points = viewer._points["global"]
-    assert viewer.gui_percentile.value == 10 and len(viewer.frusta) == 6
+    assert viewer.gui_percentile.value == 10 and len(viewer.frusta) == 2  # all cameras: lines and images
     for percentile in (10, 63, 0, 99):
         viewer.set_percentile(percentile)
         shown = [p for p, cloud in enumerate(_clouds(viewer, "global")) if cloud.visible]
@@ -273,9 +275,38 @@ def test_the_local_map_is_read_on_first_use_and_replaces_the_global_clouds(viewe
                                      & (viewer._points["global"].percentile >= 10)).sum()
 
 
+def test_frusta_corners_project_to_the_image_corners_and_atlas_holds_the_thumbnails(viewer):
+    scene, corners = viewer.scene, viewer.corners
+    np.testing.assert_array_equal(corners[:, 0], scene.cam2world[:, :3, 3])
+    for i, (h, w) in enumerate(scene.sizes):
+        cam = (corners[i, 1:] - scene.cam2world[i, :3, 3]) @ scene.cam2world[i, :3, :3]  # back to camera axes
+        pixels = cam[:, :2] / cam[:, 2:] * scene.intrinsics[i, [0, 1], [0, 1]] + scene.intrinsics[i, :2, 2]
+        np.testing.assert_allclose(pixels, [[0, 0], [w, 0], [w, h], [0, h]], atol=1e-6)
+    assert frusta.wireframes(corners).shape == (6 * 8, 2, 3)
+    image, boxes = frusta.atlas(scene, 16)
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        np.testing.assert_array_equal(image[y0:y1, x0:x1], scene.images[i, : scene.sizes[i][0] : 4, : scene.sizes[i][1] : 4])
+    mesh = frusta.image_mesh(corners, image, boxes)
+    assert mesh.faces.shape == (12, 3) and mesh.visual.uv.shape == (24, 2)
+
+
+def test_a_ray_through_a_camera_image_picks_that_camera(viewer):
+    corners = viewer.corners
+    for i in range(len(corners)):
+        centre = corners[i, 1:].mean(0)
+        direction = centre - corners[i, 0]
+        direction /= np.linalg.norm(direction)
+        assert frusta.pick(corners, centre - 1e-4 * direction, direction) == i
+    assert frusta.pick(corners, corners[0, 0], -(corners[0, 1:].mean(0) - corners[0, 0])) in (None, *range(1, 6))
+
+
 def test_clicking_a_camera_selects_it_and_looks_through_it(viewer):
     camera = types.SimpleNamespace(client=types.SimpleNamespace(atomic=nullcontext))
-    look_through(camera, viewer.scene, 5)
+    centre = viewer.corners[5, 1:].mean(0)
+    direction = (centre - viewer.corners[5, 0]) / np.linalg.norm(centre - viewer.corners[5, 0])
+    viewer._clicked(types.SimpleNamespace(ray_origin=tuple(centre - 1e-4 * direction), ray_direction=tuple(direction),
+                                          client=types.SimpleNamespace(camera=camera)))
+    assert viewer.selected == 5
     c2w = viewer.scene.cam2world[5]
     np.testing.assert_allclose(viser.transforms.SO3(camera.wxyz).as_matrix(), c2w[:3, :3], atol=1e-9)
     np.testing.assert_array_equal(camera.position, c2w[:3, 3])

@@ -5,8 +5,8 @@ point cloud per confidence percentile (0 ... 99, each point's rank within its vi
 the percentile slider only switches clouds on and off: a message per cloud and a frame,
 whatever the budget, instead of sending the points again. Hiding views or switching to
 the local pointmaps re-sends the budget once (the local ones are read on first use).
-Every camera is a frustum with the view's image on it; a click looks through it and
-selects the view.
+Every camera is a frustum with the view's image on it, all of them in two scene nodes
+(``frusta``); a click on an image looks through that camera and selects the view.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import viser.transforms as vtf
 from matplotlib import colormaps
 
 from ..export import DEFAULT_CONF_PERCENTILE, FRUSTUM_FRACTION
+from . import frusta
 from .scene import (
     DEFAULT_MAX_POINTS,
     PERCENTILES,
@@ -30,12 +31,12 @@ from .scene import (
     global_points,
     local_points,
     scene_extent,
-    thumbnail,
 )
 
 MAPS = ("global", "local")
-THUMBNAIL_PX = 64  # long side of a frustum's image: 1500 of them are ~2 MB of JPEG
-THUMBNAIL_QUALITY = 80
+THUMBNAIL_PX = 48  # long side of a camera's image in the atlas (less beyond 85 x 85 views: frusta.ATLAS_PX)
+SELECTED_COLOUR = (255, 40, 40)
+FIRST_FRAME_WAIT_S = 30.0  # the cameras wait at most this long for a browser's first frame
 POINT_SHAPE = "rounded"
 FRUSTUM_LINE_PX = 1.5
 
@@ -62,15 +63,24 @@ class SceneViewer:
         self._build_gui()
 
     # -------------------------------------------------------------------------- loading
-    def load(self) -> None:
-        """Draw the budget's global points, then add the cameras (the points are what the first frame needs)."""
+    def load(self, first_frame_wait_s: float = FIRST_FRAME_WAIT_S) -> None:
+        """Draw the budget's global points, then add the cameras once a browser has drawn the points.
+
+        A browser that connects gets every message sent so far in one go; in a slow one
+        (software WebGL) the cameras' image mesh then held back the first frame by seconds.
+        So the cameras wait until a connected browser has drawn a frame (its render is
+        asked for and returned), or ``first_frame_wait_s`` with no browser.
+        """
         with self._lock:
             self.pixels = draw_pixels(self.scene, self.max_points, self.seed)
             points = self._points_of("global")
             self.extent = scene_extent(points.xyz, self.scene.cam2world)
             self.point_size = self.extent / math.sqrt(max(len(points), 1))
             self._draw("global")
-            self._status(cameras=0)
+            self._status(note="adding the cameras ...")
+        drawn = threading.Event()
+        self.server.on_client_connect(lambda client: _wait_for_a_frame(client, drawn))
+        drawn.wait(first_frame_wait_s)
         self._add_cameras()
         self._status()
 
@@ -105,21 +115,43 @@ class SceneViewer:
         self._stale.discard(kind)
 
     def _add_cameras(self) -> None:
+        """All frusta as one line-segment node and their images as one textured mesh (see ``frusta``)."""
+        with self._lock:
+            self._atlas = frusta.atlas(self.scene, THUMBNAIL_PX)
+            self._draw_cameras()
+
+    def _draw_cameras(self) -> None:
         scene = self.scene
-        rotations = vtf.SO3.from_matrix(scene.cam2world[:, :3, :3]).wxyz
+        depth = FRUSTUM_FRACTION * self.extent * self.gui_camera_size.value
+        self.corners = frusta.frustum_corners(scene, depth)
         colours = (colormaps["viridis"](np.linspace(0, 1, scene.n_views))[:, :3] * 255).astype(np.uint8)
-        scale = FRUSTUM_FRACTION * self.extent * self.gui_camera_size.value
-        for i in range(scene.n_views):
-            h, w = (int(s) for s in scene.sizes[i])
-            frustum = self.server.scene.add_camera_frustum(
-                f"/cameras/{i}", fov=vertical_fov(scene.intrinsics[i], h), aspect=w / h, scale=scale,
-                thickness=FRUSTUM_LINE_PX, thickness_units="screen", color=tuple(int(c) for c in colours[i]), image=thumbnail(scene, i, THUMBNAIL_PX),
-                format="jpeg", jpeg_quality=THUMBNAIL_QUALITY, wxyz=rotations[i], position=scene.cam2world[i, :3, 3],
-                visible=self.gui_cameras.value, cast_shadow=False, receive_shadow=False)
-            frustum.on_click(lambda event, view=i: self.select(view, event.client))
-            self.frusta.append(frustum)
-            if (i + 1) % 250 == 0:
-                self._status(cameras=i + 1)
+        with self.server.atomic():
+            self.frusta = [
+                self.server.scene.add_line_segments(
+                    "/cameras/frusta", frusta.wireframes(self.corners),
+                    np.repeat(colours, len(frusta.EDGES), axis=0)[:, None].repeat(2, axis=1),
+                    thickness=FRUSTUM_LINE_PX, thickness_units="screen", visible=self.gui_cameras.value),
+                self.server.scene.add_glb(
+                    "/cameras/images", frusta.unlit_glb(frusta.image_mesh(self.corners, *self._atlas)),
+                    visible=self.gui_cameras.value, cast_shadow=False, receive_shadow=False),
+            ]
+        self.frusta[1].on_click(self._clicked)  # the images take clicks (viser's line segments do not)
+        if self.selected is not None:
+            self._highlight(self.selected)
+
+    def _clicked(self, event) -> None:
+        view = frusta.pick(self.corners, np.asarray(event.ray_origin), np.asarray(event.ray_direction))
+        if view is not None:
+            self.select(view, event.client)
+
+    def _highlight(self, view: int) -> None:
+        h, w = (int(s) for s in self.scene.sizes[view])
+        c2w = self.scene.cam2world[view]
+        self.server.scene.add_camera_frustum(
+            "/cameras/selected", fov=vertical_fov(self.scene.intrinsics[view], h), aspect=w / h,
+            scale=FRUSTUM_FRACTION * self.extent * self.gui_camera_size.value, thickness=3 * FRUSTUM_LINE_PX,
+            thickness_units="screen", color=SELECTED_COLOUR, wxyz=vtf.SO3.from_matrix(c2w[:3, :3]).wxyz,
+            position=c2w[:3, 3], visible=self.gui_cameras.value, cast_shadow=False, receive_shadow=False)
 
     # -------------------------------------------------------------------------- controls
     def _build_gui(self) -> None:
@@ -213,6 +245,8 @@ class SceneViewer:
                                          f"focal {focal:.1f} px")
             self.gui_show_selected.disabled = self.gui_only_selected.disabled = False
             self.gui_show_selected.value = view not in self.hidden_views
+            if self.frusta:
+                self._highlight(view)
         if client is not None:
             look_through(client.camera, self.scene, view)
 
@@ -238,11 +272,9 @@ class SceneViewer:
                     cloud.point_size = self.point_size * self.gui_point_size.value
 
     def _set_cameras(self) -> None:
-        with self._lock, self.server.atomic():
-            scale = FRUSTUM_FRACTION * self.extent * self.gui_camera_size.value
-            for frustum in self.frusta:
-                frustum.visible = self.gui_cameras.value
-                frustum.scale = scale
+        with self._lock:
+            if self.frusta:
+                self._draw_cameras()  # two nodes again: the frusta's geometry is in world units
 
     # -------------------------------------------------------------------------- state shown
     def _cloud_visible(self, kind: str, percentile: int) -> bool:
@@ -257,26 +289,37 @@ class SceneViewer:
         index = order[bounds[self.gui_percentile.value] :]
         return int(self.shown_views[points.view[index]].sum())
 
-    def _status(self, *, cameras: int | None = None, note: str = "") -> None:
+    def _status(self, *, note: str = "") -> None:
         scene = self.scene
-        cams = f"{scene.n_views} cameras" if cameras is None else f"cameras {cameras} / {scene.n_views} ..."
-        text = (f"**{self.shown_points():,}** points shown: {len(self._points.get('global', ())):,} drawn of "
-                f"{scene.n_pixels:,} (budget {self.max_points:,}) · {int(self.shown_views.sum())} of "
+        cams = f"{scene.n_views} cameras" if self.frusta else "no cameras yet"
+        text = (f"**{self.shown_points():,}** points shown · {len(self._points.get('global', ())):,} sent of "
+                f"{scene.n_pixels:,} predicted (budget {self.max_points:,}) · {int(self.shown_views.sum())} of "
                 f"{scene.n_views} views · {cams}" + (f"  \n{note}" if note else ""))
         self.gui_status.content = text
         if self._on_status is not None:
             self._on_status(text)
 
     def _set_initial_camera(self) -> None:
-        """Open behind view 0's camera, looking where it looks, with its up; orbit around the scene's up."""
+        """Look at view 0's points from behind and above its camera, with its up; orbit around the scene's up."""
         c2w = self.scene.cam2world[0]
-        forward, up = c2w[:3, 2], -c2w[:3, 1]
-        depth = view_depth(self.scene, 0)
+        up = -c2w[:3, 1]
+        centre = view_centre(self.scene, 0)
+        back = c2w[:3, 3] - centre
+        distance = float(np.linalg.norm(back)) or 1.0
         self.server.scene.set_up_direction(tuple(up))
         camera = self.server.initial_camera
-        camera.position = tuple(c2w[:3, 3] - 0.5 * depth * forward)
-        camera.look_at = tuple(c2w[:3, 3] + depth * forward)
+        camera.position = tuple(centre + 1.5 * back + 0.5 * distance * up)
+        camera.look_at = tuple(centre)
         camera.up = tuple(up)
+
+
+def _wait_for_a_frame(client: viser.ClientHandle, drawn: threading.Event) -> None:
+    """Set ``drawn`` once ``client`` has rendered the scene sent so far (a tiny render it sends back)."""
+    try:
+        client.get_render(height=8, width=8, timeout=FIRST_FRAME_WAIT_S)
+    except (TimeoutError, RuntimeError):
+        pass  # a browser that cannot render: the cameras go out anyway
+    drawn.set()
 
 
 def look_through(camera, scene: Scene, view: int) -> None:
@@ -293,10 +336,11 @@ def vertical_fov(intrinsics: np.ndarray, height: int) -> float:
     return 2 * math.atan2(height / 2, float(intrinsics[1, 1]))
 
 
-def view_depth(scene: Scene, view: int) -> float:
-    """Median distance from a view's camera to its finite global points (1 if it has none): reads one view."""
+def view_centre(scene: Scene, view: int) -> np.ndarray:
+    """Median of a view's finite global points (a point in front of its camera if it has none): reads one view."""
     h, w = scene.sizes[view]
     points = np.asarray(scene.pts3d[view, :h, :w]).reshape(-1, 3)
-    distances = np.linalg.norm(points - scene.cam2world[view, :3, 3], axis=-1)
-    distances = distances[np.isfinite(distances)]
-    return float(np.median(distances)) if len(distances) and np.median(distances) > 0 else 1.0
+    points = points[np.isfinite(points).all(-1)]
+    if len(points):
+        return np.median(points, axis=0).astype(np.float64)
+    return scene.cam2world[view, :3, 3] + scene.cam2world[view, :3, 2]

@@ -114,15 +114,20 @@ def check_before_reconstruct(args: argparse.Namespace) -> int:
 
 
 def serve(directory: str | Path, *, host: str = DEFAULT_HOST, port: int | None = None,
-          max_points: int = DEFAULT_MAX_POINTS, stop: threading.Event | None = None, out=None) -> None:
-    """Serve the viewer of ``directory`` until ``stop`` is set or Ctrl-C; prints the URL as soon as it answers."""
+          max_points: int = DEFAULT_MAX_POINTS, stop: threading.Event | None = None, out=None,
+          first_frame_wait_s: float | None = None) -> None:
+    """Serve the viewer of ``directory`` until ``stop`` is set or Ctrl-C; prints the URL as soon as it answers.
+
+    first_frame_wait_s: how long the cameras wait for a browser's first frame (default
+    ``app.FIRST_FRAME_WAIT_S``; see ``SceneViewer.load``).
+    """
     out = sys.stdout if out is None else out
     start = time.perf_counter()
     require_viser()
     scene = open_scene(directory)
     server = start_server(host, port)
     try:
-        from .app import SceneViewer
+        from .app import FIRST_FRAME_WAIT_S, SceneViewer
 
         viewer = SceneViewer(server, scene, max_points=max_points)
         moved = f" (port {DEFAULT_PORT} is taken)" if port is None and server.get_port() != DEFAULT_PORT else ""
@@ -131,7 +136,7 @@ def serve(directory: str | Path, *, host: str = DEFAULT_HOST, port: int | None =
         if host in ANY_HOST:
             print("fast3r view: listening on every network interface: anyone who can reach this machine can "
                   "open the viewer", file=out, flush=True)
-        viewer.load()
+        viewer.load(FIRST_FRAME_WAIT_S if first_frame_wait_s is None else first_frame_wait_s)
         print(f"fast3r view: ready in {time.perf_counter() - start:.1f} s: {len(viewer._points['global']):,} points "
               f"of {scene.n_pixels:,}, {scene.n_views} cameras. Ctrl-C to stop", file=out, flush=True)
         stop = threading.Event() if stop is None else stop
