@@ -14,7 +14,8 @@ Per budget (--max-points) and run: a headless Chromium (Debian's, via Playwright
 started first, as a user's browser is already open; the clock starts, ``python -m
 fast3r.cli view SCENE --port 0`` is launched, the page is opened when the command prints
 its URL, and screenshots are taken until the points are drawn (>= 2% of the viewport in
-the point colour): that is the first frame. Runs are "warm" (npz in the page cache, as
+the point colour): that is the first frame, late by up to one screenshot (each takes
+0.1-4 s in this browser while it draws). Runs are "warm" (npz in the page cache, as
 right after ``fast3r reconstruct --view``) and, once per budget, "cold" (the npz dropped
 from the page cache first with posix_fadvise). Then the slider: the confidence percentile
 is moved by the keyboard (10 -> 99 -> 10) and screenshots are taken until the point pixels
@@ -23,7 +24,9 @@ callback until its messages are queued) and of hiding a view (which re-sends the
 
 The browser here renders with SwiftShader (WebGL on the CPU, no GPU on this machine):
 its cost per frame is measured too (a bare WebGL page drawing N points) so that the
-browser's share of each time is known. JSON first (--out); a table is printed.
+browser's share of each time is known, and so is the first frame of a bare viser page
+holding one cloud of the same number of points and nothing else (goto -> drawn): the floor
+under the viewer. JSON first (--out); a table is printed.
 """
 
 from __future__ import annotations
@@ -233,6 +236,24 @@ def slider_run(page) -> dict:
     return times
 
 
+def bare_viser_first_frame_s(page, budget: int) -> float:
+    """The floor under the viewer: a viser page with one cloud of ``budget`` points and nothing else, goto -> drawn."""
+    from fast3r.viewer.command import start_server
+
+    server = start_server("localhost", 0)
+    try:
+        rng = np.random.default_rng(0)
+        server.scene.add_point_cloud("/points", rng.normal(size=(budget, 3)).astype(np.float32),
+                                     np.tile(np.array([255, 0, 255], np.uint8), (budget, 1)), point_size=0.01,
+                                     point_shading="flat", precision="float32")
+        start = time.perf_counter()
+        page.goto(f"http://localhost:{server.get_port()}", wait_until="commit")
+        return wait_for_pixels(page, lambda n: n >= FIRST_FRAME_FRACTION * 800 * 600, timeout=FRAME_TIMEOUT_S,
+                               start=start)[0]
+    finally:
+        server.stop()
+
+
 def software_gl_frame_ms(page, counts: list[int]) -> dict[str, float]:
     """ms per frame of a bare WebGL2 page drawing N one-pixel points (no viser): the browser's floor here."""
     page.set_content("<canvas id=c width=800 height=600></canvas>")
@@ -326,6 +347,10 @@ def main() -> None:
             result["runs"].append(record)
             print(json.dumps({k: v for k, v in record.items() if k != "output"}), flush=True)
             write(args.out, result)
+    result["bare_viser_first_frame_s"] = {}
+    for budget in args.budgets:
+        with chromium_page() as page:
+            result["bare_viser_first_frame_s"][str(budget)] = bare_viser_first_frame_s(page, budget)
     with chromium_page() as page:
         result["software_gl_ms_per_frame"] = software_gl_frame_ms(page, [200_000, 1_000_000])
     result["machine"]["load_average_at_end"] = os.getloadavg()
@@ -341,6 +366,7 @@ def main() -> None:
         print(f"{r['budget']:>9} {r['cache']:>5} {r['url_printed_s']:6.2f} {r['first_frame_s']:13.2f} "
               f"{r['server_ready_s']:7.2f} {r['cameras_in_page_s']:9.2f} {s.get('10_to_99', float('nan')):15.2f} "
               f"{s.get('99_to_0', float('nan')):7.2f}")
+    print("bare viser page, first frame s:", result["bare_viser_first_frame_s"])
     print("software GL ms/frame:", result["software_gl_ms_per_frame"])
 
 

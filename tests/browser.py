@@ -57,9 +57,17 @@ def magenta_pixels(png: bytes) -> int:
 
 def wait_for_pixels(page, done, timeout: float = 60.0, start: float | None = None) -> tuple[float, int, bytes]:
     """Screenshot until ``done(magenta_pixels)``; returns (seconds since ``start``, the count, the PNG)."""
+    from playwright.sync_api import Error
+
     start = time.perf_counter() if start is None else start
     while True:
-        png = page.screenshot(timeout=max(30.0, timeout) * 1000)
+        try:
+            png = page.screenshot(timeout=max(30.0, timeout) * 1000)
+        except Error as err:  # before the page's first composited frame Chromium may refuse; try again
+            if "Unable to capture screenshot" not in str(err) or time.perf_counter() - start > timeout:
+                raise
+            time.sleep(0.1)
+            continue
         count = magenta_pixels(png)
         elapsed = time.perf_counter() - start
         if done(count):

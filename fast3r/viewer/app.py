@@ -36,7 +36,7 @@ from .scene import (
 MAPS = ("global", "local")
 THUMBNAIL_PX = 48  # long side of a camera's image in the atlas (less beyond 85 x 85 views: frusta.ATLAS_PX)
 SELECTED_COLOUR = (255, 40, 40)
-FIRST_FRAME_WAIT_S = 30.0  # the cameras wait at most this long for a browser's first frame
+FIRST_FRAME_WAIT_S = 30.0  # the cameras wait at most this long for a browser's answer
 POINT_SHAPE = "rounded"
 FRUSTUM_LINE_PX = 1.5
 
@@ -64,12 +64,15 @@ class SceneViewer:
 
     # -------------------------------------------------------------------------- loading
     def load(self, first_frame_wait_s: float = FIRST_FRAME_WAIT_S) -> None:
-        """Draw the budget's global points, then add the cameras once a browser has drawn the points.
+        """Draw the budget's global points, then add the cameras once a browser has taken the points.
 
         A browser that connects gets every message sent so far in one go; in a slow one
         (software WebGL) the cameras' image mesh then held back the first frame by seconds.
-        So the cameras wait until a connected browser has drawn a frame (its render is
-        asked for and returned), or ``first_frame_wait_s`` with no browser.
+        So the cameras wait until a connected browser has answered a render request, which
+        it receives after the points (or ``first_frame_wait_s`` with no browser). That
+        answer does not prove the points were on screen: the browser applies scene messages
+        asynchronously (measured: it answered 3-4 s after the start, the screenshot showed
+        the points 7-9 s later), so it only orders the cameras after the points.
         """
         with self._lock:
             self.pixels = draw_pixels(self.scene, self.max_points, self.seed)
@@ -314,7 +317,7 @@ class SceneViewer:
 
 
 def _wait_for_a_frame(client: viser.ClientHandle, drawn: threading.Event) -> None:
-    """Set ``drawn`` once ``client`` has rendered the scene sent so far (a tiny render it sends back)."""
+    """Set ``drawn`` once ``client`` has answered a tiny render request, sent after the points."""
     try:
         client.get_render(height=8, width=8, timeout=FIRST_FRAME_WAIT_S)
     except (TimeoutError, RuntimeError):
