@@ -38,7 +38,8 @@ setup(
         # on numpy 2.4 (triton-lang/triton#9171; Triton 3.7 is fixed). CI tests on 3.6, the GPU machine's Triton.
         "view": VIEW,
         "train": TRAIN,
-        "dev": ["pytest", "pytest-benchmark", "ruff==0.17.6", "numpy<2.4", *RECONSTRUCT, *VIEW, *TRAIN],
+        # playwright: drives the system's Chromium in the viewer's browser test (it downloads no browser of its own).
+        "dev": ["pytest", "pytest-benchmark", "ruff==0.17.6", "numpy<2.4", "playwright", *RECONSTRUCT, *VIEW, *TRAIN],
         "hub": ["huggingface_hub"],
     },
     entry_points={"console_scripts": ["fast3r = fast3r.cli:main"]},

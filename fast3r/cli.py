@@ -3,7 +3,9 @@
     fast3r reconstruct INPUT... --out DIR [--overwrite] [--checkpoint PATH_OR_HUB_ID | --random-weights]
         [--size 512|224] [--backend triton|torch] [--dtype bf16|fp32] [--fps F | --every K]
         [--max-views N] [--cameras pnp|procrustes] [--focal F] [--export ply,glb,colmap,nerfstudio,npz]
-        [--conf-percentile P]
+        [--conf-percentile P] [--overwrite] [--view [--port P] [--host H] [--max-points N]]
+    fast3r view SCENE_DIR [--port P] [--host H] [--max-points N]     (the browser viewer: fast3r.viewer)
+    fast3r train CONFIG.yaml [--resume RUN_DIR] [--set key=value ...]  (fine-tuning: fast3r.train)
 
 Stages: decode (Pillow / PyAV) -> encoder -> fusion layers -> heads (one forward pass) ->
 cameras (``fast3r.estimate_cameras``) -> export (``fast3r.export``). Each shows a tqdm bar;
@@ -42,6 +44,7 @@ from .inputs import NoImagesFoundError, Source, UnreadableImageError, Views, cou
 from .model import BACKENDS, Fast3R
 from .train import command as train_command
 from .video import UnreadableVideoError
+from .viewer import command as viewing
 
 RELEASED_WEIGHTS = "jedyang97/Fast3R_ViT_Large_512"
 RANDOM_WEIGHTS_PRESET = "tiny"  # what --random-weights builds (a Fast3RConfig or preset name)
@@ -120,6 +123,7 @@ def add_reconstruct(commands: argparse._SubParsersAction) -> None:
                      help=f"comma-separated, from {','.join(exporting.FORMATS)} (default: all)")
     rec.add_argument("--conf-percentile", type=_percentile, default=exporting.DEFAULT_CONF_PERCENTILE, metavar="P",
                      help="point clouds keep each view's points above this confidence percentile (default 10)")
+    viewing.add_view_flags(rec)
     rec.set_defaults(run=run_reconstruct)
 
 
@@ -129,8 +133,13 @@ def add_train(commands: argparse._SubParsersAction) -> None:
     commands.choices["train"].set_defaults(run=train_command.run)
 
 
+def add_view(commands: argparse._SubParsersAction) -> None:
+    """``fast3r view`` (fast3r.viewer.command; viser is imported only when it runs)."""
+    viewing.add_view_command(commands).set_defaults(run=viewing.run)
+
+
 # `fast3r view`, `fast3r train`, ...: one add_* function each, like add_reconstruct.
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_reconstruct, add_train)
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_reconstruct, add_view, add_train)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,6 +210,8 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     require_packages(args, has_video=any(s.kind == "video" for s in sources))
     work = count_work(sources)  # opens every video: an unreadable one fails here, before the model loads
     exporting.check_output_dir(args.out, overwrite=args.overwrite)  # a previous run or foreign files: refused now
+    if args.view and viewing.check_before_reconstruct(args):
+        return 2
     created = exporting.make_output_dir(args.out)  # a folder that cannot be made fails now, not after the forward
     try:
         summary = reconstruct(args, sources, work)
@@ -208,6 +219,8 @@ def run_reconstruct(args: argparse.Namespace) -> int:
         exporting.remove_created(created)
         raise
     print_summary(summary, args.out)
+    if args.view:
+        return viewing.run(argparse.Namespace(scene=args.out, host=args.host, port=args.port, max_points=args.max_points))
     return 0
 
 
