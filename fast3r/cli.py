@@ -206,12 +206,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_reconstruct(args: argparse.Namespace) -> int:
     """``fast3r reconstruct``: every check that needs no model first, then the work; prints the summary."""
+    if args.view and viewing.check_before_reconstruct(args):
+        return 2
     sources = find_sources(args.inputs)
     require_packages(args, has_video=any(s.kind == "video" for s in sources))
     work = count_work(sources)  # opens every video: an unreadable one fails here, before the model loads
     exporting.check_output_dir(args.out, overwrite=args.overwrite)  # a previous run or foreign files: refused now
-    if args.view and viewing.check_before_reconstruct(args):
-        return 2
     created = exporting.make_output_dir(args.out)  # a folder that cannot be made fails now, not after the forward
     try:
         summary = reconstruct(args, sources, work)

@@ -248,7 +248,7 @@ def write_colmap(directory: str | os.PathLike, cameras: dict[str, torch.Tensor],
     cam2world = cameras["cam2world"].numpy()
     world_to_cam = np.full_like(cam2world, np.nan)
     world_to_cam[registered] = np.linalg.inv(cam2world[registered])
-    cloud = _in_front(cloud, world_to_cam)
+    cloud = _in_front(cloud, world_to_cam, cameras["intrinsics"].numpy(), sizes)
     cloud = cloud.subset(MAX_COLMAP_POINTS if max_points is None else max_points)
     model = pycolmap.Reconstruction()
     camera_ids: dict[tuple, int] = {}
@@ -558,18 +558,25 @@ def _finite_cameras(cameras: dict[str, torch.Tensor], where: str | None) -> np.n
     return finite
 
 
-def _in_front(cloud: PointCloud, world_to_cam: np.ndarray) -> PointCloud:
-    """The points of registered views that lie in front of their view's camera (z > 0 in its frame)."""
-    rotation, translation = world_to_cam[cloud.view, 2, :3], world_to_cam[cloud.view, 2, 3]
-    with np.errstate(invalid="ignore"):
-        depth = np.einsum("pi,pi->p", rotation, cloud.xyz.astype(np.float64)) + translation
-        keep = depth > 0  # NaN (an unregistered view): False
-    registered = np.isfinite(depth)
+def _in_front(cloud: PointCloud, world_to_cam: np.ndarray, intrinsics: np.ndarray,
+              sizes: Sequence[tuple[int, int]]) -> PointCloud:
+    """The points of registered views that their view's camera could see: in front of it (z > 0 in its
+    frame) and projecting within the image grown by its own size on every side. A point just in front of
+    the camera plane projects arbitrarily far out (its reprojection error would be huge)."""
+    cam = np.einsum("pij,pj->pi", world_to_cam[cloud.view, :3, :3], cloud.xyz.astype(np.float64)) \
+        + world_to_cam[cloud.view, :3, 3]
+    k = intrinsics[cloud.view].astype(np.float64)
+    hw = np.asarray(sizes, dtype=np.float64)[cloud.view]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        u = k[:, 0, 0] * cam[:, 0] / cam[:, 2] + k[:, 0, 2]
+        v = k[:, 1, 1] * cam[:, 1] / cam[:, 2] + k[:, 1, 2]
+        keep = (cam[:, 2] > 0) & (np.abs(u - hw[:, 1] / 2) < 1.5 * hw[:, 1]) & (np.abs(v - hw[:, 0] / 2) < 1.5 * hw[:, 0])
+    registered = np.isfinite(cam[:, 2])  # NaN: an unregistered view
     behind = int((registered & ~keep).sum())
     if behind > BEHIND_WARNING_FRACTION * max(int(registered.sum()), 1):
-        warnings.warn(f"{behind} of {int(registered.sum())} points lie behind the camera of their view: left out of "
-                      "the COLMAP model (cameras and points disagree: untrained weights, or a failed pose)",
-                      UserWarning, stacklevel=3)
+        warnings.warn(f"{behind} of {int(registered.sum())} points lie behind the camera of their view, or project far "
+                      "outside its image: left out of the COLMAP model (cameras and points disagree: untrained "
+                      "weights, or a failed pose)", UserWarning, stacklevel=3)
     return PointCloud(cloud.xyz[keep], cloud.rgb[keep], cloud.view[keep], cloud.pixel[keep])
 
 

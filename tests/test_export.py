@@ -325,6 +325,23 @@ def test_points_behind_their_camera_stay_out_of_colmap(scene, tmp_path):
         export_all({**scene, "preds": preds}, tmp_path / "out", formats=["colmap"])
 
 
+def test_points_just_in_front_of_their_camera_plane_stay_out_of_colmap(scene, tmp_path):
+    """In front, but projecting far outside the image: with random weights they gave reprojection errors > 1e3."""
+    preds = [dict(p) for p in scene["preds"]]
+    moved = preds[1]["pts3d_in_other_view"].clone()
+    cam2world = scene["cam2world"][1].float()
+    cam = (moved[:24] - cam2world[:3, 3]) @ cam2world[:3, :3]  # the top half of view 1 in its camera frame
+    cam[..., 2] = 1e-4 * cam[..., 2].abs()  # pushed onto the camera plane, still in front of it
+    moved[:24] = cam @ cam2world[:3, :3].T + cam2world[:3, 3]
+    preds[1]["pts3d_in_other_view"] = moved
+    cloud = export.select_points(preds, scene["images"], conf_percentile=0)
+    with pytest.warns(UserWarning, match=r"project far outside its image"):
+        export.write_colmap(tmp_path, scene["cameras"], scene["sizes"], scene["names"], cloud, max_points=10**6)
+    model = pycolmap.Reconstruction(str(tmp_path))
+    assert len(cloud) - 24 * 64 <= model.num_points3D() < len(cloud)
+    assert max(p.error for p in model.points3D.values()) < 1e3
+
+
 # ------------------------------------------------------------------------------ output folders
 def test_a_folder_holding_a_previous_export_is_refused_unless_overwrite(scene, tmp_path):
     out = tmp_path / "out"

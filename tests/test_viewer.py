@@ -187,7 +187,10 @@ def test_reconstruct_view_needs_the_npz_and_serves_out_after_the_run(tmp_path, m
     assert cli.main(argv) == 2
     assert "--view reads reconstruction.npz: add npz to --export" in capsys.readouterr().err
     served = []
-    monkeypatch.setattr(cli, "reconstruct", lambda args: cli.Summary())
+    monkeypatch.setattr(cli, "find_sources", lambda inputs: [])
+    monkeypatch.setattr(cli, "require_packages", lambda args, has_video: None)
+    monkeypatch.setattr(cli, "count_work", lambda sources: 0)
+    monkeypatch.setattr(cli, "reconstruct", lambda args, sources, work: cli.Summary())
     monkeypatch.setattr(cli, "print_summary", lambda summary, out: None)
     monkeypatch.setattr(viewing, "run", lambda args: served.append(args) or 0)
     assert cli.main(argv[:-2] + ["--port", "9123", "--host", "127.0.0.1", "--max-points", "5e4"]) == 0
