@@ -23,6 +23,9 @@ from torch import nn
 from .config import Fast3RConfig
 
 CONFIG_NAME = "config.json"
+# Beside config.json where the official format cannot describe the architecture (it fixes the heads' widths):
+# our full Fast3RConfig, which from_pretrained prefers.
+ARCHITECTURE_NAME = "fast3r_config.yaml"
 SAFETENSORS_NAME = "model.safetensors"
 PICKLE_NAMES = ("pytorch_model.bin", "model.pth", "model.bin", "pytorch_model.pth")
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")

@@ -297,6 +297,9 @@ class Fast3R(nn.Module):
         Returns the model in eval mode.
         """
         weights, config_path = checkpoint.resolve(path_or_repo_id)
+        architecture = weights.parent / checkpoint.ARCHITECTURE_NAME  # written where config.json cannot say it all
+        if config is None and architecture.is_file():
+            config = Fast3RConfig.from_yaml(architecture)
         if config is None:
             if config_path is None:
                 raise FileNotFoundError(f"no {checkpoint.CONFIG_NAME} beside {weights}; pass config=Fast3RConfig(...)")

@@ -91,6 +91,7 @@ def test_readme_example_runs_as_written(block, tmp_path, monkeypatch):
     if block.skip is not None:
         pytest.skip(f"README.md:{block.line} ({block.heading}): {block.skip}")
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").symlink_to(README.parent / "configs")  # the shipped configs the examples name
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # random weights in the examples: focal warnings expected
         exec(compiled, {"__name__": "__readme__"})  # noqa: S102 - running the README's own code is the point

@@ -49,15 +49,18 @@ def test_train_writes_every_output_and_resumes(tmp_path, config_file, capsys):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
     # The final weights load and are the trained ones. This small model's head widths are not in the official
-    # config.json (the official code fixes them), so the run wrote fast3r_config.yaml beside it.
-    model = Fast3R.from_pretrained(run / "model", config=Fast3RConfig.from_yaml(run / "model" / "fast3r_config.yaml"))
+    # config.json (the official code fixes them), so the run wrote fast3r_config.yaml beside it, which
+    # from_pretrained reads.
+    assert Fast3RConfig.from_yaml(run / "model" / "fast3r_config.yaml").head_feature_dim != 256
+    model = Fast3R.from_pretrained(run / "model")
     trained = torch.load(latest(run) / "state.pt", weights_only=True)["model"]
     assert all(torch.equal(model.state_dict()[k], trained[k]) for k in trained)
     assert model.config.random_image_index  # trained with image_ids: random, so inference draws them too
 
     # Resume with more steps: the saved config is used, steps 4-5 are appended, nothing repeated.
-    with pytest.warns(UserWarning, match="steps changed from 3 to 5"):
-        assert main(["train", "--resume", str(run), "--set", "steps=5"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--set", "steps=5"]) == 0
+    assert "fast3r train: warning: steps changed from 3 to 5" in capsys.readouterr().err
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["kind"] == "train"]
     assert steps == [1, 2, 3, 4, 5]

@@ -53,7 +53,7 @@ from .precision import apply_precision
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_DIR = "model"
-ARCHITECTURE_FILE = "fast3r_config.yaml"  # beside config.json, for architectures the official format cannot hold
+ARCHITECTURE_FILE = checkpoint.ARCHITECTURE_NAME  # beside config.json where the official format cannot say it all
 FREEZABLE_PARTS = {"encoder": "encoder", "fusion": "decoder", "head": "downstream_head",
                    "local_head": "downstream_head_local"}
 
@@ -154,8 +154,8 @@ def save_weights(model: Fast3R, architecture: Fast3RConfig, directory: Path, log
     if Fast3RConfig.from_official_args(**architecture.to_official_args()) != architecture:
         architecture.to_yaml(directory / ARCHITECTURE_FILE)
         log.message(f"{directory}: config.json cannot describe this architecture (the official format fixes the "
-                    f"heads' widths); load it with Fast3R.from_pretrained(dir, config=Fast3RConfig.from_yaml("
-                    f"dir / {ARCHITECTURE_FILE!r}))")
+                    f"heads' widths); {ARCHITECTURE_FILE} beside it does, and Fast3R.from_pretrained reads it (the "
+                    "official loader cannot load these weights)")
 
 
 # ------------------------------------------------------------------------------------------ the step
