@@ -50,6 +50,12 @@ def _layer_norm_fwd(
     mean = tl.sum(x, axis=1) / N
     centred = tl.where(mask, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / N + eps)
+    # Rows whose squares overflow fp32 (|x| beyond ~1e19): the variance of the row over its largest entry,
+    # rescaled, instead of rstd = 0 (which would return the bias as if the row were constant).
+    big = tl.max(tl.abs(centred), axis=1)
+    unit = centred / tl.where(big > 0, big, 1.0)[:, None]
+    rescaled = (1.0 / big) / tl.sqrt(tl.sum(unit * unit, axis=1) / N + eps / big / big)
+    rstd = tl.where(rstd > 0, rstd, rescaled)
     y = centred * rstd[:, None]
     if HAS_W:
         y *= tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
@@ -209,7 +215,8 @@ def reference_layer_norm_forward(x, weight, bias, eps: float, residual=None):
     total = (x.float() + residual.float()).to(x.dtype) if residual is not None else None
     rows = (total if total is not None else x).reshape(-1, x.shape[-1]).float()
     mean = rows.mean(-1)
-    rstd = ((rows - mean[:, None]).square().mean(-1) + eps).rsqrt()
+    # fp64 variance: the kernels' rescaled variance for rows whose fp32 squares overflow
+    rstd = ((rows - mean[:, None]).double().square().mean(-1) + eps).rsqrt().float()
     y = (rows - mean[:, None]) * rstd[:, None]
     if weight is not None:
         y = y * weight.float()

@@ -135,3 +135,21 @@ def test_autocast_gives_the_dtype_nn_layer_norm_gives(device):
     assert want.dtype == got.dtype == normed.dtype == total.dtype
     assert device == "cpu" or got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("magnitude", [1e20, 1e30])
+def test_fp32_rows_whose_squares_overflow_are_normalized(magnitude, default_device):
+    """Such rows used to come back as zeros (the variance overflowed, so rstd was 0); torch gives NaN or inf.
+    Decided: the right result (LayerNorm is scale-free but for eps), from the row's variance over its largest
+    entry; fp64 is the reference."""
+    x = (torch.randn(7, 1000) * magnitude).requires_grad_()
+    w, b = 1 + 0.3 * torch.randn(1000), 0.5 * torch.randn(1000)
+    with poisoned_outputs():
+        y = layer_norm(x, w, b, 1e-6)
+        (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    x64 = x.detach().double().requires_grad_()
+    y64 = F.layer_norm(x64, (1000,), w.double(), b.double(), 1e-6)
+    (dx64,) = torch.autograd.grad(y64, x64, torch.ones_like(y64))
+    assert_close_to_reference(y, y64, None, "y")
+    assert torch.isfinite(dx).all() and (dx.double() - dx64).abs().max() <= 1e-5 * dx64.abs().max() + 1e-30
