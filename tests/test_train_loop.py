@@ -122,13 +122,13 @@ def test_schedule_warms_up_then_decays_to_min_lr(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- bad input
 def test_fewer_views_than_asked_is_a_named_error(tmp_path):
-    config = small_config(tmp_path / "few", steps=2, data=[{"format": "synthetic", "scenes": 2, "views_per_scene": 3}])
-    with pytest.raises(loop.DataError, match=r"scene synthetic_000\d has 3 views, but the config asks for views=4"):
+    config = small_config(tmp_path / "few", steps=2, data=[{"format": "synthetic", "scenes": 2, "views": 3}])
+    with pytest.raises(loop.DataError, match=r"has 3 views, fewer than the 4 a sample asks for; lower views"):
         train(config)
 
 
 class Poisoned(torch.utils.data.Dataset):
-    """Sample 1 holds NaN at one valid pixel of its view 2."""
+    """Odd samples hold NaN at one valid pixel of their view 2."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -138,9 +138,9 @@ class Poisoned(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         sample = self.dataset[i]
-        if i == 1:
-            sample["pts3d"][2, 5, 7, 1] = float("nan")
-            assert sample["valid_mask"][2, 5, 7]
+        if i % 2:
+            row, col = (int(t[0]) for t in sample["valid_mask"][2].nonzero().T)
+            sample["pts3d"][2, row, col, 1] = float("nan")
         return sample
 
 
@@ -160,7 +160,7 @@ def test_nan_ground_truth_is_skipped_counted_and_named(tmp_path, monkeypatch, ca
     assert all(r["loss"] is None or torch.isfinite(torch.tensor(r["loss"])) for r in steps)
     assert [r["skipped_batches"] for r in steps] == [0, 1, 1, 2]
     err = capsys.readouterr().err
-    assert "step 2 skipped" in err and "synthetic_0001" in err
+    assert "step 2 skipped" in err and "synthetic-0" in err
     assert all(torch.isfinite(t).all() for t in final_state(tmp_path / "nan")["model"].values())
 
 
@@ -168,7 +168,7 @@ def test_nan_ground_truth_stops_past_the_limit(tmp_path, monkeypatch):
     poison(monkeypatch)
     config = small_config(tmp_path / "stop", steps=4, shuffle=False, max_bad_batches=0)
     with pytest.raises(loop.BadGroundTruthError, match=r"step 2: ground truth holds NaN or Inf \(scene "
-                       r"synthetic_0001: points at valid pixels of synthetic_0001/view_\d{3}.png\)"):
+                       r"synthetic-\d+: points at valid pixels of \d{5}\.png\)"):
         train(config)
 
 

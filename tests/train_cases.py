@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import train_standin  # noqa: F401  (installs the data stand-in while fast3r.train.data is missing)
 
 from fast3r.train import TrainConfig
 
