@@ -18,13 +18,11 @@ photometric ones when every image has one; any image without either is an error 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from .folder import IMAGES_DIR, image_size, read_image, write_image
+from .folder import IMAGES_DIR, image_size, new_scene_directory, read_image, write_image
 from .scene import Camera, DataError, Scene, check_intrinsics, check_pose, check_view_arrays
 
 PINHOLE_MODELS = ("PINHOLE", "SIMPLE_PINHOLE")
@@ -114,11 +112,7 @@ def save_colmap(scene: Scene, path: str | os.PathLike, *, kind: str = "geometric
         raise ValueError(f"kind={kind!r}; choose one of {DEPTH_KINDS}")
     pycolmap = _pycolmap()
     out = Path(path)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not an empty directory; pass a new path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with new_scene_directory(out) as tmp:
         model = pycolmap.Reconstruction()
         camera_ids: dict[tuple, int] = {}
         for i, view in enumerate(scene.views):
@@ -142,11 +136,6 @@ def save_colmap(scene: Scene, path: str | os.PathLike, *, kind: str = "geometric
             pycolmap.DepthMap.from_array(depth, low, high).write(str(depth_file))
         (tmp / "sparse").mkdir()
         model.write_binary(str(tmp / "sparse"))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ...export import atomic_directory
 from .scene import Camera, DataError, Scene, check_intrinsics, check_pose, check_view_arrays
 
 CAMERAS_FILE = "cameras.json"
@@ -97,6 +98,16 @@ class FolderReader:
         return image, depth
 
 
+@contextmanager
+def new_scene_directory(out: Path) -> Iterator[Path]:
+    """A staging directory that becomes ``out`` when the block succeeds (all or nothing); ``out`` must be new
+    or an empty directory."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty directory; pass a new path")
+    with atomic_directory(out) as tmp:
+        yield tmp
+
+
 def save_folder(scene: Scene, path: str | os.PathLike, *, depth_format: str = "npy", depth_scale: float = 1e-3) -> Path:
     """Write ``scene`` in the folder format into the new directory ``path`` (all or nothing).
 
@@ -107,11 +118,7 @@ def save_folder(scene: Scene, path: str | os.PathLike, *, depth_format: str = "n
     if depth_format not in ("npy", "png"):
         raise ValueError(f"depth_format={depth_format!r}; choose 'npy' or 'png'")
     out = Path(path)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not an empty directory; pass a new path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with new_scene_directory(out) as tmp:
         frames = []
         for view in scene.views:
             image_name = PurePosixPath(view["name"])
@@ -129,11 +136,6 @@ def save_folder(scene: Scene, path: str | os.PathLike, *, depth_format: str = "n
                            "cam2world": np.asarray(view["cam2world"], dtype=np.float64).tolist()})
         meta = {"frames": frames} | ({"depth_scale": depth_scale} if depth_format == "png" else {})
         (tmp / CAMERAS_FILE).write_text(json.dumps(meta, indent=1))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
