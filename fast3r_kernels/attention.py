@@ -31,7 +31,6 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import tuning
@@ -41,10 +40,8 @@ from ._config import (
     check_device,
     check_float,
     device_guard,
-    launching,
     mma,
     precision,
-    runs_kernels,
 )
 
 HEAD_DIMS = (32, 64, 128)
@@ -380,8 +377,8 @@ def _tma_ready(t: torch.Tensor) -> torch.Tensor:
 
     The descriptors assume a unit last stride: an incoming gradient with any other (an
     expanded or transposed dO) must be copied, or its elements would be read as if packed.
-    Alignment is read from the storage offset (allocations are 512-byte aligned), so the
-    check also runs on the fake tensors ``torch.compile`` traces with.
+    Alignment is read from the storage offset (allocations are 512-byte aligned); every stride,
+    size-1 dimensions' too, must be aligned, since the descriptors take t's own strides.
     """
     size = t.element_size()
     aligned = t.stride(-1) == 1 and (t.storage_offset() * size) % 16 == 0 and all(
@@ -390,11 +387,7 @@ def _tma_ready(t: torch.Tensor) -> torch.Tensor:
 
 
 def _descriptor(t: torch.Tensor, layout: str, rows: int, cols: int) -> TensorDescriptor:
-    """Rank-4 descriptor over t's own layout, loading (rows tokens x cols features) of one head.
-
-    Built by ``from_tensor`` (t's own shape and strides), the one form ``torch.compile`` can
-    rebuild at launch from the tensor it passes.
-    """
+    """Rank-4 descriptor over t's own shape and strides, loading (rows tokens x cols features) of one head."""
     return TensorDescriptor.from_tensor(t, [1, rows, 1, cols] if layout == "BLHD" else [1, 1, rows, cols])
 
 
@@ -427,15 +420,14 @@ def attention_forward(q, k, v, scale: float, layout: str, rope=None, return_lse:
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((b, h, l_q), dtype=torch.float32, device=q.device) if return_lse else None
     m_tiles = triton.cdiv(l_q, bm)
-    with launching(q):
-        wrap_triton(_attn_fwd)[(b * h * m_tiles,)](
-            _descriptor(q, layout, bm, d), _descriptor(k, layout, bn, d), _descriptor(v, layout, bn, d),
-            _descriptor(out, layout, bm, d), _quarter_descriptor(q, layout, bm, rope),
-            _quarter_descriptor(k, layout, bn, rope), lse, *_rope_args(rope),
-            h, l_q, l_k, m_tiles, scale * LOG2E,
-            HEAD_DIM=d, BHLD=layout == "BHLD", ROPE=rope is not None, RETURN_LSE=return_lse,
-            PRECISION=precision(q.dtype), **cfg,
-        )
+    _attn_fwd[(b * h * m_tiles,)](
+        _descriptor(q, layout, bm, d), _descriptor(k, layout, bn, d), _descriptor(v, layout, bn, d),
+        _descriptor(out, layout, bm, d), _quarter_descriptor(q, layout, bm, rope),
+        _quarter_descriptor(k, layout, bn, rope), lse, *_rope_args(rope),
+        h, l_q, l_k, m_tiles, scale * LOG2E,
+        HEAD_DIM=d, BHLD=layout == "BHLD", ROPE=rope is not None, RETURN_LSE=return_lse,
+        PRECISION=precision(q.dtype), **cfg,
+    )
     return out, lse
 
 
@@ -452,27 +444,26 @@ def attention_backward(do, q, k, v, out, lse, scale: float, layout: str, rope=No
     dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
     common = {"HEAD_DIM": d, "BHLD": bhld, "ROPE": rope is not None, "PRECISION": precision(q.dtype), **cfg}
     rope_args = _rope_args(rope)
-    with launching(q):
-        wrap_triton(_bwd_delta)[(b * h * m_tiles,)](_descriptor(out, layout, bm, d), _descriptor(do, layout, bm, d),
-                                                    delta, h, l_q, m_tiles, HEAD_DIM=d, BLOCK_M=bm, BHLD=bhld)
-        wrap_triton(_attn_bwd_dkdv)[(b * h * n_tiles,)](
-            _descriptor(q, layout, bm, d), _descriptor(k, layout, bn, d), _descriptor(v, layout, bn, d),
-            _descriptor(do, layout, bm, d), _descriptor(dk, layout, bn, d), _descriptor(dv, layout, bn, d),
-            _quarter_descriptor(q, layout, bm, rope), _quarter_descriptor(k, layout, bn, rope),
-            _quarter_descriptor(dk, layout, bn, rope),
-            lse, delta, *rope_args, h, l_q, l_k, n_tiles, scale * LOG2E, scale, **common,
-        )
-        wrap_triton(_attn_bwd_dq)[(b * h * m_tiles,)](
-            _descriptor(q, layout, bm, d), _descriptor(k, layout, bn, d), _descriptor(v, layout, bn, d),
-            _descriptor(do, layout, bm, d), _descriptor(dq, layout, bm, d),
-            _quarter_descriptor(q, layout, bm, rope), _quarter_descriptor(k, layout, bn, rope),
-            _quarter_descriptor(dq, layout, bm, rope),
-            lse, delta, *rope_args, h, l_q, l_k, m_tiles, scale * LOG2E, scale, **common,
-        )
+    _bwd_delta[(b * h * m_tiles,)](_descriptor(out, layout, bm, d), _descriptor(do, layout, bm, d), delta,
+                                   h, l_q, m_tiles, HEAD_DIM=d, BLOCK_M=bm, BHLD=bhld)
+    _attn_bwd_dkdv[(b * h * n_tiles,)](
+        _descriptor(q, layout, bm, d), _descriptor(k, layout, bn, d), _descriptor(v, layout, bn, d),
+        _descriptor(do, layout, bm, d), _descriptor(dk, layout, bn, d), _descriptor(dv, layout, bn, d),
+        _quarter_descriptor(q, layout, bm, rope), _quarter_descriptor(k, layout, bn, rope),
+        _quarter_descriptor(dk, layout, bn, rope),
+        lse, delta, *rope_args, h, l_q, l_k, n_tiles, scale * LOG2E, scale, **common,
+    )
+    _attn_bwd_dq[(b * h * m_tiles,)](
+        _descriptor(q, layout, bm, d), _descriptor(k, layout, bn, d), _descriptor(v, layout, bn, d),
+        _descriptor(do, layout, bm, d), _descriptor(dq, layout, bm, d),
+        _quarter_descriptor(q, layout, bm, rope), _quarter_descriptor(k, layout, bn, rope),
+        _quarter_descriptor(dq, layout, bm, rope),
+        lse, delta, *rope_args, h, l_q, l_k, m_tiles, scale * LOG2E, scale, **common,
+    )
     return dq, dk, dv
 
 
-# ------------------------------------------------------------ reference (PyTorch)
+# ------------------------------------------------------------ RoPE in PyTorch
 def rope_rotate(t: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 inverse: bool = False) -> torch.Tensor:
     """RoPE-2D on (B, H, L, D) in fp32, the rotation the kernels apply (inverse: the gradient's).
@@ -492,41 +483,6 @@ def _rotate_half(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return t * cos + torch.cat([-second, first], dim=-1) * sin
 
 
-def _bhld(t: torch.Tensor, layout: str) -> torch.Tensor:
-    return t.transpose(1, 2) if layout == "BLHD" else t
-
-
-def _reference_probabilities(q, k, scale, layout, rope):
-    """fp32 (B, H, L_Q, D) q and k (rotated with RoPE) and the softmax probabilities."""
-    q, k = _bhld(q, layout).float(), _bhld(k, layout).float()
-    if rope is not None:
-        q, k = rope_rotate(q, *rope), rope_rotate(k, *rope)
-    scores = (q @ k.transpose(-1, -2)) * scale
-    lse = scores.logsumexp(-1)
-    return q, k, (scores - lse[..., None]).exp(), lse
-
-
-def reference_attention_forward(q, k, v, scale: float, layout: str, rope=None):
-    """What ``attention_forward`` computes (with the LSE), in fp32 PyTorch: the op's path on CPU tensors
-    when no kernel can run there (``torch.compile`` on a CPU). Materializes the L_Q x L_K scores."""
-    _, _, p, lse = _reference_probabilities(q, k, scale, layout, rope)
-    out = p @ _bhld(v, layout).float()
-    return _bhld(out, layout).to(q.dtype).contiguous(), lse
-
-
-def reference_attention_backward(do, q, k, v, out, lse, scale: float, layout: str, rope=None):
-    """What ``attention_backward`` computes, in fp32 PyTorch (dq, dk, dv in ``layout``, contiguous)."""
-    qr, kr, p, _ = _reference_probabilities(q, k, scale, layout, rope)
-    do32, v32, o32 = (_bhld(t, layout).float() for t in (do, v, out))
-    dv = p.transpose(-1, -2) @ do32
-    dp = do32 @ v32.transpose(-1, -2)
-    ds = p * (dp - (do32 * o32).sum(-1, keepdim=True))
-    dq, dk = (ds @ kr) * scale, (ds.transpose(-1, -2) @ qr) * scale
-    if rope is not None:
-        dq, dk = rope_rotate(dq, *rope, inverse=True), rope_rotate(dk, *rope, inverse=True)
-    return tuple(_bhld(g, layout).to(t.dtype).contiguous() for g, t in ((dq, q), (dk, k), (dv, v)))
-
-
 # ------------------------------------------------------------------ the ops
 def _rope(pos, cos, sin):
     return None if pos is None else (pos, cos, sin)
@@ -542,11 +498,9 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
                  rope_pos: torch.Tensor | None, rope_cos: torch.Tensor | None,
                  rope_sin: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(scale q k^T) v -> (out in q's layout, lse (B, H, L_Q) fp32): the op torch.compile and export see."""
-    rope = _rope(rope_pos, rope_cos, rope_sin)
-    if not runs_kernels(q):
-        return reference_attention_forward(q, k, v, scale, layout, rope)
+    check_device("q", q)  # a custom op runs on real tensors only: CUDA, or the CPU under TRITON_INTERPRET
     with device_guard(q.device):
-        return attention_forward(q, k, v, scale, layout, rope, return_lse=True)
+        return attention_forward(q, k, v, scale, layout, _rope(rope_pos, rope_cos, rope_sin), return_lse=True)
 
 
 @attention_op.register_fake
@@ -560,11 +514,9 @@ def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
                           lse: torch.Tensor, scale: float, layout: str, rope_pos: torch.Tensor | None,
                           rope_cos: torch.Tensor | None,
                           rope_sin: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rope = _rope(rope_pos, rope_cos, rope_sin)
-    if not runs_kernels(q):
-        return reference_attention_backward(do, q, k, v, out, lse, scale, layout, rope)
+    check_device("q", q)
     with device_guard(q.device):
-        return attention_backward(do, q, k, v, out, lse, scale, layout, rope)
+        return attention_backward(do, q, k, v, out, lse, scale, layout, _rope(rope_pos, rope_cos, rope_sin))
 
 
 @attention_backward_op.register_fake
