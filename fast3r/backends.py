@@ -27,7 +27,7 @@ from fast3r_kernels._config import device_guard, interpreting
 from fast3r_kernels.attention import HEAD_DIMS, ROPE_HEAD_DIMS, attention_forward, rope_rotate, rope_tables
 from fast3r_kernels.layernorm import layer_norm_forward
 from fast3r_kernels.patch_embed import normalize_uint8, patch_embed_forward
-from fast3r_kernels.upsample import upsample_forward
+from fast3r_kernels.upsample import scaled_size, upsample_forward
 
 BACKENDS = ("torch", "triton")
 
@@ -202,7 +202,7 @@ def fused_upsample(x: torch.Tensor, scale_factor: float) -> torch.Tensor:
         return torch_upsample(x, scale_factor)
     if _inference(x) and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         with device_guard(x.device):
-            return upsample_forward(x, (int(x.shape[-2] * scale_factor), int(x.shape[-1] * scale_factor)))
+            return upsample_forward(x, scaled_size(x, scale_factor))
     return triton_upsample(x, scale_factor)
 
 

@@ -165,6 +165,11 @@ def upsample_backward(dy: torch.Tensor, size_in: tuple[int, int]) -> torch.Tenso
     return dx
 
 
+def scaled_size(x: torch.Tensor, scale_factor: float) -> tuple[int, int]:
+    """The output size F.interpolate gives for ``scale_factor``: floor(H * s) x floor(W * s)."""
+    return math.floor(x.shape[-2] * scale_factor), math.floor(x.shape[-1] * scale_factor)
+
+
 def _memory_format(t: torch.Tensor) -> torch.memory_format:
     channels_last = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
     return torch.channels_last if channels_last else torch.contiguous_format
@@ -240,7 +245,7 @@ def upsample_bilinear(x: torch.Tensor, scale_factor: float | None = None,
     if size is None:
         if not scale_factor > 0:
             raise ValueError(f"scale_factor={scale_factor}; it must be positive")
-        size = (math.floor(x.shape[-2] * scale_factor), math.floor(x.shape[-1] * scale_factor))
+        size = scaled_size(x, scale_factor)
     if min(size) < 1 or 0 in x.shape:
         raise ValueError(f"cannot upsample {tuple(x.shape)} to {tuple(size)}: every size must be positive")
     if _memory_format(x) == torch.contiguous_format and not x.is_contiguous():
