@@ -49,6 +49,7 @@ class Fast3R(nn.Module):
         self.decoder = FusionTransformer(self.config, ops)
         self.downstream_head = DPTHead(self.config, ops)
         self.downstream_head_local = DPTHead(self.config, ops) if self.config.with_local_head else None
+        self._replay_graphs = False  # set by compile(mode="reduce-overhead")
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -106,7 +107,7 @@ class Fast3R(nn.Module):
         """
         if memory not in MEMORY_MODES:
             raise ValueError(f"memory={memory!r}; choose one of {MEMORY_MODES}")
-        if not cuda_graph and getattr(self, "_replay_graphs", False):  # Fast3R.compile(mode="reduce-overhead")
+        if not cuda_graph and self._replay_graphs:  # Fast3R.compile(mode="reduce-overhead")
             cuda_graph = (isinstance(images, torch.Tensor) and images.is_cuda and process_group is None
                           and memory != "lean" and not self.training and not torch.is_grad_enabled())
         if cuda_graph:
