@@ -1,0 +1,149 @@
+"""Where a training step's time goes: each phase device-synchronized, then the kernels of one step.
+
+    python benchmarks/profile_train_step.py --backend triton --views 32 --size 512 [--checkpointing none]
+
+Phases (a warm-up step first, then each phase timed with a synchronize on both sides, median of
+--reps): the model's forward under the step's autocast, ``fast3r_loss``, the backward, AdamW. Then
+one step under ``torch.profiler``: the --top CUDA kernels by total device time, and the share of
+the step per kernel family. Writes ``--out`` (JSON) when given. Without a GPU the same code profiles
+the small CPU model's operators (a check of the script, not a measurement), and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_train import HW, random_batch, training_config
+
+from fast3r.loss import fast3r_loss
+from fast3r.train import loop
+from fast3r.train.activation_checkpointing import apply_activation_checkpointing
+from fast3r.train.data import to_model_inputs
+from fast3r.train.precision import apply_precision
+
+FAMILIES = {  # substring of a kernel name -> family (first match wins)
+    "attention": ("flash", "fmha", "attn", "cudnn", "sdpa"),
+    "matmul": ("gemm", "cutlass", "sm90_xmma", "nvjet", "matmul", "wgmma"),
+    "convolution": ("conv", "implicit", "dgrad", "wgrad"),
+    "layer norm": ("layer_norm", "layernorm", "_ln_"),
+    "upsampling": ("upsample", "bilinear"),
+    "optimizer": ("adam", "multi_tensor"),
+    "reduction": ("reduce",),
+    "copy": ("copy", "cat", "fill"),
+    "element-wise": ("elementwise", "vectorized", "unrolled"),
+}
+
+
+def family(name: str) -> str:
+    lower = name.lower()
+    return next((fam for fam, keys in FAMILIES.items() if any(k in lower for k in keys)), "other")
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, reps: int) -> tuple[float, object]:
+    seconds, result = [], None
+    for _ in range(reps):
+        _sync()
+        start = time.perf_counter()
+        result = fn()
+        _sync()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds), result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", default="triton", choices=("triton", "torch"))
+    parser.add_argument("--views", type=int, default=32)
+    parser.add_argument("--size", type=int, default=512, choices=(224, 512))
+    parser.add_argument("--checkpointing", default="none", choices=("none", "blocks", "full"))
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        print("no CUDA GPU: profiling the small model's CPU operators (a check of the script, not a measurement)",
+              file=sys.stderr)
+    device = torch.device("cuda" if cuda else "cpu")
+    config = training_config("torch" if not torch.cuda.is_available() else args.backend, args.size, args.views, args.checkpointing, cuda)
+    model = loop.build_model(config, device)
+    autocast = apply_precision(model, config.precision)
+    apply_activation_checkpointing(model, args.checkpointing)
+    optimizer = loop.build_optimizer(config, model)
+    images, gts = to_model_inputs(random_batch(args.views, HW[args.size], pin=cuda))
+    images = images.to(device)
+    gts = [{k: v.to(device) for k, v in gt.items()} for gt in gts]
+
+    def forward():
+        with autocast():
+            return model(images)
+
+    def step():
+        loss, _ = fast3r_loss(forward(), gts)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up: kernel tuning at this shape, AdamW's state
+    phases = {}
+    phases["step_s"], _ = timed(step, args.reps)
+    phases["forward_s"], _ = timed(forward, args.reps)
+    loss_runs, backward_runs = [], []
+    for _ in range(args.reps):
+        preds = forward()
+        seconds, (loss, _) = timed(functools.partial(fast3r_loss, preds, gts), 1)
+        loss_runs.append(seconds)
+        backward_runs.append(timed(loss.backward, 1)[0])
+        del preds, loss
+    phases["loss_s"] = statistics.median(loss_runs)
+    phases["backward_s"] = statistics.median(backward_runs)
+    phases["optimizer_s"], _ = timed(optimizer.step, args.reps)
+    optimizer.zero_grad(set_to_none=True)
+
+    activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+    with torch.profiler.profile(activities=[activity]) as prof:
+        step()
+        _sync()
+    if cuda:
+        kernels = [(e.key, e.device_time_total / 1e3, e.count) for e in prof.key_averages()
+                   if e.device_time_total > 0 and e.device_type == torch.autograd.DeviceType.CUDA]
+    else:  # self time of the operators, so that nested calls are not counted twice
+        kernels = [(e.key, e.self_cpu_time_total / 1e3, e.count) for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    kernels.sort(key=lambda k: -k[1])
+    total_ms = sum(k[1] for k in kernels)
+    families: dict[str, float] = {}
+    for name, ms, _ in kernels:
+        families[family(name)] = families.get(family(name), 0.0) + ms
+    print(json.dumps({k: round(v, 4) for k, v in phases.items()}))
+    print(f"device time in the profiled step: {total_ms:.1f} ms over {sum(k[2] for k in kernels)} launches")
+    for fam, ms in sorted(families.items(), key=lambda f: -f[1]):
+        print(f"  {fam:<14} {ms:9.1f} ms  {100 * ms / total_ms:5.1f}%")
+    for name, ms, count in kernels[:args.top]:
+        print(f"{ms:9.2f} ms {count:6d}x  {name[:140]}")
+    if args.out:
+        args.out.write_text(json.dumps({
+            "backend": args.backend, "views": args.views, "size": args.size, "checkpointing": args.checkpointing,
+            "gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, **phases,
+            "profiled_device_ms": total_ms, "families_ms": families,
+            "kernels": [{"name": n, "ms": ms, "count": c} for n, ms, c in kernels[:100]]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
