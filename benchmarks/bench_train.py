@@ -39,10 +39,12 @@ import json
 import math
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -65,6 +67,7 @@ HW = {512: (384, 512), 224: (224, 224)}
 SMALL_MODEL = {"enc_dim": 64, "enc_depth": 2, "enc_heads": 2, "fusion_dim": 64, "fusion_depth": 4, "fusion_heads": 2,
                "head_feature_dim": 32, "head_layer_dims": [16, 32, 64, 128]}  # the CPU smoke run's model
 MAX_VIEWS_TARGET = {512: 400, 224: 1000}
+WARMUP_STEPS, TIMED_STEPS = 2, 3  # per step item; the maxviews check is one step (see its docstring)
 PROBES = {512: (16, 48), 224: (64, 192)}
 MEMORY_FRACTION = 0.92  # of the GPU's memory, for the predicted maximum (allocator fragmentation, CUDA context)
 OFFICIAL_CMD = "{python} benchmarks/official_train_step.py --official .peers/fast3r-official --views {views} --hw {height} {width} --reps 2"
@@ -85,7 +88,7 @@ def expected_seconds(item: str) -> float:
     kind, *rest = item.split(":")
     if kind == "step":
         _, size, views, mode = rest
-        return 5 + 2 * step_seconds(int(size), int(views), mode)
+        return 5 + sum(step_counts(int(size), int(views), mode).values()) * step_seconds(int(size), int(views), mode)
     if kind == "forward":
         _, size, views = rest
         return 5 + 2 * forward_seconds(int(size), int(views))
@@ -101,6 +104,14 @@ def expected_seconds(item: str) -> float:
 def _attention_seconds(size: int, views: int, passes: float) -> float:
     tokens = views * math.prod(HW[size]) // 256
     return passes * 24 * 4 * tokens**2 * 1024 / 350e12
+
+
+def step_counts(size: int, views: int, mode: str) -> dict[str, int]:
+    """Warm-up and timed steps of a step item: the median of three after two warm-ups, except where one step
+    takes over ~10 s (the fusion attention's quadratic cost dominates, so steps vary little): one after one."""
+    if step_seconds(size, views, mode) > 10:
+        return {"warmup": 1, "timed": 1}
+    return {"warmup": WARMUP_STEPS, "timed": TIMED_STEPS}
 
 
 def step_seconds(size: int, views: int, mode: str) -> float:
@@ -128,6 +139,10 @@ class PhaseTimer:
         if torch.cuda.is_available():
             self.events[name] = torch.cuda.Event(enable_timing=True)
             self.events[name].record()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
     def seconds(self) -> dict[str, float]:
         if not self.events:
@@ -161,8 +176,13 @@ def training_config(backend: str, size: int, views: int, checkpointing: str, cud
                        precision="bf16-mixed" if cuda else "fp32", steps=100, workers=0, out=tempfile.gettempdir())
 
 
-def measure_step(backend: str, size: int, views: int, checkpointing: str, *, warmup: bool = True) -> dict:
-    """Build the model and AdamW, run ``train_step`` (a warm-up step first), time one step whole."""
+def measure_step(backend: str, size: int, views: int, checkpointing: str, *, warmup: int = WARMUP_STEPS,
+                 timed: int = TIMED_STEPS) -> dict:
+    """Build the model and AdamW, run ``warmup`` steps of ``train_step``, then time ``timed`` steps whole (median).
+
+    Two warm-up steps: the first tunes kernels at this shape and allocates AdamW's state, and the second still
+    grows the allocator's cache around that state (measured: the second step of a run can be twice the third).
+    """
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     config = training_config(backend, size, views, checkpointing, cuda)
@@ -182,22 +202,27 @@ def measure_step(backend: str, size: int, views: int, checkpointing: str, *, war
                       sum(p.numel() for p in loop.trainable(model)))
     record["estimate_gib"] = step_bytes(model.config, shape) / 2**30
     try:
-        if warmup:
+        for _ in range(warmup):
             loop.train_step(run, [batch], log)
             run.step += 1
-        timer = PhaseTimer(model, optimizer)
-        _sync()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        out = loop.train_step(run, [batch], log)
-        _sync()
-        record["step_s"] = time.perf_counter() - start
-        record.update(timer.seconds())
+        runs = []
+        for _ in range(timed):
+            timer = PhaseTimer(model, optimizer)
+            _sync()
+            start = time.perf_counter()
+            out = loop.train_step(run, [batch], log)
+            _sync()
+            runs.append({"step_s": time.perf_counter() - start, **timer.seconds()})
+            timer.remove()
+            run.step += 1
+        record.update({key: statistics.median(r[key] for r in runs) for key in runs[0]})
+        record["steps_s"] = [r["step_s"] for r in runs]
         record["views_per_s"] = views / record["step_s"]
         record["loss"] = out["loss"]
         record["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-        record["warmup_step"] = warmup
+        record["warmup_steps"] = warmup
     except TrainingOutOfMemoryError as err:
         record.update(oom=True, message=str(err))
     except torch.cuda.OutOfMemoryError as err:  # outside the step (the batch's copy to the GPU)
@@ -242,7 +267,8 @@ def measure_forward(backend: str, size: int, views: int) -> dict:
 def measure_max_views(backend: str, size: int, verify: str, verify_warmup: bool) -> dict:
     """Two cheap probes -> affine memory model -> predicted maximum; one step at the target proves the fit."""
     cuda = torch.cuda.is_available()
-    probes = [measure_step(backend, size, views, "full") for views in (PROBES[size] if cuda else (2, 3))]
+    probes = [measure_step(backend, size, views, "full", warmup=1, timed=1)  # memory only: two steps each
+              for views in (PROBES[size] if cuda else (2, 3))]
     record = {"backend": backend, "size": size, "hw": list(HW[size]), "checkpointing": "full",
               "probes": [{k: p.get(k) for k in ("views", "peak_gib", "step_s", "oom")} for p in probes]}
     if any(p.get("oom") for p in probes) or not cuda:
@@ -254,9 +280,9 @@ def measure_max_views(backend: str, size: int, verify: str, verify_warmup: bool)
     views = predicted if verify == "max" else int(verify) if verify else MAX_VIEWS_TARGET[size]
     record.update(gib_per_view=slope, intercept_gib=m1 - slope * n1, gpu_gib=total, predicted_max_views=predicted,
                   target_views=MAX_VIEWS_TARGET[size])
-    check = measure_step(backend, size, views, "full", warmup=verify_warmup)
+    check = measure_step(backend, size, views, "full", warmup=int(verify_warmup), timed=1)
     record["verified"] = {k: check.get(k) for k in ("views", "step_s", "forward_s", "backward_s", "optimizer_s",
-                                                   "peak_gib", "estimate_gib", "oom", "message", "warmup_step")}
+                                                   "peak_gib", "estimate_gib", "oom", "message", "warmup_steps")}
     record["fits"] = not check.get("oom", False)
     return record
 
@@ -288,7 +314,7 @@ def run_item(item: str, args: argparse.Namespace) -> dict:
     kind, *rest = item.split(":")
     if kind == "step":
         backend, size, views, mode = rest
-        return measure_step(backend, int(size), int(views), mode)
+        return measure_step(backend, int(size), int(views), mode, **step_counts(int(size), int(views), mode))
     if kind == "forward":
         backend, size, views = rest
         return measure_forward(backend, int(size), int(views))
@@ -398,7 +424,12 @@ def main(argv: list[str] | None = None) -> int:
     for item in items:
         print(f"{item} (expected ~{expected_seconds(item):.0f} s on an H200) ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        record = run_item(item, args)
+        try:
+            record = run_item(item, args)
+        except Exception as err:  # noqa: BLE001 - one broken item must not cost the items after it their device time
+            record = {"failed": f"{type(err).__name__}: {err}"[:2000]}
+            traceback.print_exc()
+            _free()
         record["item_wall_s"] = time.perf_counter() - start
         results["items"][item] = record
         _write(out, results)  # after every item: a later failure keeps what was measured

@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_one.sh learn    # where a training step's time goes (profile, GPU alone), then the
 #                                       # learning run beside the GPU tests (neither is a timing of the other)
-#   bash benchmarks/gpu_one.sh bench    # training step targets, official step, 5000 views @512 peak, small scenes
+#   bash benchmarks/gpu_one.sh bench    # the training-step targets (bench_train.py), then GPU tests until CALL_SECONDS
 #   bash benchmarks/gpu_one.sh tests    # the whole -m gpu suite
 #
 # Needs .peers (a copy of shared/peers) and .whl_official (omegaconf, hydra-core, antlr4 wheels) carried along.
@@ -15,10 +15,13 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:/tmp/site"
 out="${OUT:-benchmarks/results/run}"
 mkdir -p "$out"
 py=python3
-gpu_tests() {  # the new tests first, so that a cut-off run has covered them
-    timeout "$1" $py -m pytest -v -rfEs -m gpu -p no:cacheprovider --durations=25 tests/test_memory.py \
-        tests/test_train_gpu.py tests/test_gpu_compile.py tests/test_upsample.py tests/test_gpu.py \
-        tests/test_gpu_model.py tests/ > "$out/gpu_tests.log" 2>&1
+# Every file with GPU tests, the newest first, so that a run cut off by its time limit has covered them.
+TEST_FILES="${TEST_FILES:-tests/test_train_gpu.py tests/test_gpu_compile.py tests/test_memory.py tests/test_upsample.py
+    tests/test_offload.py tests/test_validation.py tests/test_layernorm.py tests/test_patch_embed.py tests/test_parallel.py
+    tests/test_gpu_model.py tests/test_gpu.py tests/test_attention.py tests/test_cameras.py}"
+gpu_tests() {  # $1: seconds at most; pytest -v logs each test as it ends, so a cut-off run still says what passed
+    timeout "$1" $py -m pytest -v -rfEs -m gpu -p no:cacheprovider --durations=25 $TEST_FILES ${TEST_ARGS:-} \
+        > "$out/gpu_tests.log" 2>&1
     echo "gpu tests: exit $?" >> "$out/gpu_tests.log"
 }
 
@@ -33,8 +36,10 @@ learn)
     gpu_tests "${TEST_SECONDS:-380}"
     wait
     ;;
-bench)
+bench)  # then the GPU tests for what is left of the call
+    start=$SECONDS
     $py benchmarks/bench_train.py --out "$out/train_h200.json" ${BENCH_ITEMS:-} > "$out/bench_train.log" 2>&1
+    gpu_tests $(( ${CALL_SECONDS:-560} - (SECONDS - start) ))
     ;;
 tests)
     gpu_tests "${TEST_SECONDS:-560}"

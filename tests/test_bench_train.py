@@ -29,7 +29,8 @@ def test_cpu_smoke_run_writes_every_item(tmp_path, capsys):
     doc = json.loads(out.read_text())
     step = doc["items"]["step:torch:224:2:blocks"]
     assert step["step_s"] > 0 and step["views_per_s"] > 0 and step["estimate_gib"] > 0
-    assert step["loss"] == step["loss"] and step["warmup_step"]  # finite, after a warm-up step
+    assert step["loss"] == step["loss"] and step["warmup_steps"] == bench_train.WARMUP_STEPS  # finite, after warm-up
+    assert len(step["steps_s"]) == bench_train.TIMED_STEPS and step["step_s"] == sorted(step["steps_s"])[1]  # median
     assert doc["items"]["forward:torch:224:2"]["forward_s"] > 0
     assert [p["views"] for p in doc["items"]["maxviews:torch:224"]["probes"]] == [2, 3]
     assert "skipped" in doc["items"]["official:224:2"] or "step_s" in doc["items"]["official:224:2"]

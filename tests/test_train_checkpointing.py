@@ -15,7 +15,7 @@ import train_cases
 from fast3r import Fast3R, fast3r_loss
 from fast3r.config import Fast3RConfig
 from fast3r.layers import Attention
-from fast3r.train.activation_checkpointing import apply_activation_checkpointing
+from fast3r.train.activation_checkpointing import apply_activation_checkpointing, attention_ops
 from fast3r.train.precision import apply_precision
 
 
@@ -135,3 +135,35 @@ def test_official_precision_runs_only_the_attention_in_bf16(model):
 def test_precision_refuses_reduced_precision_weights(model):
     with pytest.raises(ValueError, match="fp32 master weights"):
         apply_precision(copy.deepcopy(model).to(torch.bfloat16), "bf16-mixed")
+
+
+class _AttentionCalls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the forward attention ops by sequence length (fusion: every view's tokens; encoder: one view's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lengths = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in attention_ops():
+            self.lengths.append(max(args[0].shape[-3:-1]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", ["blocks", "full"])
+def test_blocks_keeps_the_fusion_attention_and_full_recomputes_it(model, mode):
+    """The backward of ``blocks`` recomputes every encoder attention but no fusion attention (its outputs were
+    kept); ``full`` recomputes both."""
+    images, gts = batch(torch.Generator().manual_seed(3))
+    wrapped = copy.deepcopy(model)
+    apply_activation_checkpointing(wrapped, mode)
+    preds = wrapped(images, image_ids=torch.arange(VIEWS)[None].expand(2, -1), encoder_chunk=2, head_chunk=2)
+    loss, _ = fast3r_loss(preds, gts)
+    with _AttentionCalls() as calls:
+        loss.backward()
+    fusion_length, view_tokens = VIEWS * (SIZE // 16) ** 2, (SIZE // 16) ** 2
+    fusion_depth, encoder_depth = len(wrapped.decoder.dec_blocks), len(wrapped.encoder.enc_blocks)
+    recomputed_fusion = calls.lengths.count(fusion_length)
+    encoder_passes = 2 if mode == "full" else 1  # full re-runs the encoder, then its blocks inside
+    assert recomputed_fusion == (0 if mode == "blocks" else fusion_depth)
+    assert calls.lengths.count(view_tokens) == encoder_passes * encoder_depth * 2  # two encoder chunks (3 views, 2 a chunk)

@@ -81,7 +81,8 @@ def step_bytes(cfg: Fast3RConfig, shape: StepShape) -> int:
     fusion_inputs = samples * tokens * cfg.fusion_depth * cfg.fusion_dim * stream
     recompute = max(samples * tokens * fus_block,  # one fusion block over every token of the sample
                     head_chunk * pixels * head_pixel / heads)  # one head over one chunk of views
-    if shape.checkpointing == "blocks":
+    if shape.checkpointing == "blocks":  # the fusion attention's output and log-sum-exp are kept too
+        fusion_inputs += samples * tokens * cfg.fusion_depth * (cfg.fusion_dim * stream + cfg.fusion_heads * 4)
         encoder_inputs = samples * tokens * cfg.enc_depth * cfg.enc_dim * stream
         recompute = max(recompute, encoder_chunk * tokens * enc_block)
     else:  # full: the encoder keeps only its uint8 images; one chunk is re-run at a time
