@@ -181,7 +181,8 @@ def measure_step(backend: str, size: int, views: int, checkpointing: str, *, war
     """Build the model and AdamW, run ``warmup`` steps of ``train_step``, then time ``timed`` steps whole (median).
 
     Two warm-up steps: the first tunes kernels at this shape and allocates AdamW's state, and the second still
-    grows the allocator's cache around that state (measured: the second step of a run can be twice the third).
+    grows the allocator's cache around that state (the second step alone measured 2.43 s at 32 views of 512x384 on
+    the H200, the median of steps 3-5 1.07 s).
     """
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
