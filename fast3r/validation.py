@@ -110,7 +110,7 @@ def check_image_ids(ids: torch.Tensor, batch: int, num_views: int) -> torch.Tens
 
 # ----------------------------------------------------------------------------------------------- loss
 def check_loss_inputs(preds: Sequence[Mapping[str, torch.Tensor]], gts: Sequence[Mapping[str, torch.Tensor]]) -> None:
-    """Keys and per-view shapes of ``fast3r_loss``'s inputs, then the ground-truth values (one transfer)."""
+    """Keys and per-view shapes of ``fast3r_loss``'s inputs (host-side only; ``check_loss_values`` reads values)."""
     if len(preds) != len(gts) or not preds:
         raise ValueError(f"got {len(preds)} predictions and {len(gts)} ground truths; need one of each per view")
     pred_keys = ("pts3d_in_other_view", "conf") + (("pts3d_local", "conf_local") if "pts3d_local" in preds[0] else ())
@@ -132,37 +132,33 @@ def check_loss_inputs(preds: Sequence[Mapping[str, torch.Tensor]], gts: Sequence
             _require_shape(pred[key], expected[key], f"prediction of view {i}", key)
         for key, shape in (("pts3d", (b, h, w, 3)), ("valid_mask", (b, h, w)), ("camera_pose", (b, 4, 4))):
             _require_shape(gt[key], shape, f"ground truth of view {i}", key)
-    check_loss_values(preds, gts)
 
 
-def check_loss_values(preds: Sequence[Mapping[str, torch.Tensor]], gts: Sequence[Mapping[str, torch.Tensor]]) -> None:
+def check_loss_values(valid: torch.Tensor, gt_points: torch.Tensor, poses: torch.Tensor,
+                      confidences: Mapping[str, torch.Tensor], views: Sequence[int]) -> None:
     """Points finite at every valid pixel, poses rigid, confidences > 0 at valid pixels; one host transfer for all.
 
-    A confidence <= 0 makes ``log(conf)`` infinite: the loss inf and its gradients NaN.
+    The views ``views`` stacked: valid (B, n, H, W), gt_points (B, n, H, W, 3), poses (B, n, 4, 4), each
+    confidence (B, n, H, W). A confidence <= 0 makes ``log(conf)`` infinite: the loss inf and its gradients NaN.
     """
-    first = gts[0]["pts3d"]
-    if capturing(first):
+    if capturing(gt_points):
         return
-    conf_keys = ("conf", "conf_local") if "conf_local" in preds[0] else ("conf",)
     with torch.no_grad():
-        flags = []
-        for pred, gt in zip(preds, gts):
-            valid = gt["valid_mask"].bool()
-            points_ok = torch.isfinite(gt["pts3d"]).all(-1) | ~valid
-            defects = pose_defects(gt["camera_pose"])
-            counts = [(~points_ok).sum(), *[((pred[k] <= 0) & valid).sum() for k in conf_keys],
-                      *[(defects == code).sum() for code in POSE_DEFECTS]]
-            flags.append(torch.stack(counts).to(first.device))
-        counts = torch.stack(flags).cpu().tolist()
-    for i, (bad_points, *rest) in enumerate(counts):
+        pixels = (0, 2, 3)  # per view
+        defects = pose_defects(poses)  # (B, N)
+        counts = [(~torch.isfinite(gt_points).all(-1) & valid).sum(pixels),
+                  *[((conf <= 0) & valid).sum(pixels) for conf in confidences.values()],
+                  *[(defects == code).sum(0) for code in POSE_DEFECTS]]
+        counts = torch.stack(counts, 1).cpu().tolist()  # (N, checks)
+    for i, (bad_points, *rest) in zip(views, counts):
         if bad_points:
             raise ValueError(f"ground truth of view {i}: pts3d holds NaN or Inf at {bad_points} valid pixel(s); "
                              "mark them invalid in valid_mask (the loss ignores invalid pixels) or repair them")
-        for key, count in zip(conf_keys, rest):
+        for key, count in zip(confidences, rest):
             if count:
                 raise ValueError(f"prediction of view {i}: {key} is <= 0 at {count} valid pixel(s), where the loss "
                                  f"takes log({key}); confidences must be > 0 (the model's are 1 + exp(x) >= 1)")
-        for defect, count in zip(POSE_DEFECTS.values(), rest[len(conf_keys):]):
+        for defect, count in zip(POSE_DEFECTS.values(), rest[len(confidences):]):
             if count:
                 what = f"camera_pose {defect}" if defect == POSE_DEFECTS[NONFINITE] else \
                     f"camera_pose is not rigid in {count} scene(s): it {defect}"
@@ -179,8 +175,7 @@ def pose_defects(poses: torch.Tensor, tolerance: float = RIGID_TOLERANCE) -> tor
     poses = poses.to(torch.float64)
     finite = torch.isfinite(poses).flatten(-2).all(-1)
     poses = torch.where(finite[..., None, None], poses, 0.0)
-    unit_row = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=poses.dtype, device=poses.device)
-    last_row = (poses[..., 3, :] - unit_row).abs().amax(-1) > tolerance
+    last_row = torch.maximum(poses[..., 3, :3].abs().amax(-1), (poses[..., 3, 3] - 1).abs()) > tolerance
     rotation = poses[..., :3, :3]
     eye = torch.eye(3, dtype=poses.dtype, device=poses.device)
     not_orthonormal = (rotation.transpose(-1, -2) @ rotation - eye).abs().flatten(-2).amax(-1) > tolerance
