@@ -66,7 +66,7 @@ def timed(fn, reps: int) -> tuple[float, object]:
     return statistics.median(seconds), result
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backend", default="triton", choices=("triton", "torch"))
     parser.add_argument("--views", type=int, default=32)
@@ -75,7 +75,7 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     if not cuda:
         print("no CUDA GPU: profiling the small model's CPU operators (a check of the script, not a measurement)",

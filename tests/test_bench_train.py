@@ -47,3 +47,17 @@ def test_list_and_bad_items(capsys):
     for bad in ("step:triton:512:32", "step:cuda:512:32:none", "forward:triton:384:8", "maxviews:torch:512:full"):
         with pytest.raises(SystemExit, match="bad item"):
             bench_train.main([bad, "--list"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU smoke run; on a GPU the script is the profile")
+def test_profile_script_splits_a_step_on_the_cpu(tmp_path):
+    spec = importlib.util.spec_from_file_location("profile_train_step", ROOT / "benchmarks" / "profile_train_step.py")
+    profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile)
+    out = tmp_path / "profile.json"
+    assert profile.main(["--views", "2", "--size", "224", "--reps", "1", "--top", "5", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert all(doc[k] > 0 for k in ("step_s", "forward_s", "loss_s", "backward_s", "optimizer_s"))
+    assert sum(doc["families_ms"].values()) == pytest.approx(doc["profiled_device_ms"], rel=1e-9)
+    assert doc["kernels"] and doc["kernels"][0]["ms"] >= doc["kernels"][-1]["ms"]
+    assert profile.family("void cudnn_generated_fort_native_sdpa_sm90_flash_bprop") == "attention"
