@@ -14,6 +14,7 @@ from train_cases import small_config
 from fast3r import Fast3R
 from fast3r.train import loop, train
 from fast3r.train.config import ConfigError
+from fast3r.train.logging import read_metrics
 from fast3r.train.memory_plan import TrainingOutOfMemoryError
 from fast3r.train.state import ResumeError, latest
 
@@ -86,6 +87,7 @@ def test_overfits_a_few_scenes(tmp_path):
     assert end <= start / 2, (start, end)
     assert distance_end <= distance_start / 2, (distance_start, distance_end)
     assert summary["seconds"] < 120
+    assert [r for r in read_metrics(str(tmp_path / "fit")) if r["kind"] == "train"] == steps  # a str path too
 
 
 def test_final_weights_of_an_official_architecture_load_with_from_pretrained_alone(tmp_path):

@@ -83,8 +83,9 @@ class RunLog:
             self._writer.flush()
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / METRICS
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of ``RUN_DIR/metrics.jsonl`` in order ([] before the first); a str or a Path."""
+    path = Path(run_dir) / METRICS
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
