@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA GPU: profiling the small model's CPU operators (a check of the script, not a measurement)",
               file=sys.stderr)
     device = torch.device("cuda" if cuda else "cpu")
-    config = training_config("torch" if not torch.cuda.is_available() else args.backend, args.size, args.views, args.checkpointing, cuda)
+    backend = args.backend if cuda else "torch"  # the CPU model's head dim 32 runs on the torch backend only
+    config = training_config(backend, args.size, args.views, args.checkpointing, cuda)
     model = loop.build_model(config, device)
     autocast = apply_precision(model, config.precision)
     apply_activation_checkpointing(model, args.checkpointing)

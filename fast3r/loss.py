@@ -70,7 +70,8 @@ def fast3r_loss(
 # (and a host synchronization per view for linalg.inv's error check), 0.12 s at 32 views of 512x384 on an
 # H200; boolean indexing, before that, synchronized per view and scattered its backward through a sort.
 class _Views:
-    """Views of one image size, stacked: valid (B, n, H, W), gt_points, poses, world_to_cam, confidences."""
+    """Views of one image size, stacked: valid (B, n, H, W), gt_points (B, n, H, W, 3), poses (B, n, 4, 4) and
+    the confidences by key; ``prediction(key)`` stacks a predicted pointmap, masked."""
 
     def __init__(self, preds, gts, views: list[int], local: bool):
         self.views, self._preds = views, [preds[v] for v in views]
@@ -134,13 +135,16 @@ def _norm_sums(points: torch.Tensor, valid: torch.Tensor, dims: tuple[int, ...])
 
 def _mean_distance(points: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """(B, n, 1, 1) per view: mean distance to the origin over its valid pixels."""
-    total, count = _norm_sums(points, valid, (2, 3))
-    return (total / count.clamp(min=1)).clamp(min=MIN_SCALE)
+    return _scale([_norm_sums(points, valid, (2, 3))])
 
 
 def _scene_scale(points: list[torch.Tensor], groups: list[_Views]) -> torch.Tensor:
     """(B, 1, 1, 1) per scene: mean distance to the origin over the valid pixels of all its views."""
-    sums = [_norm_sums(p, group.valid, (1, 2, 3)) for p, group in zip(points, groups)]
+    return _scale([_norm_sums(p, group.valid, (1, 2, 3)) for p, group in zip(points, groups)])
+
+
+def _scale(sums: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The mean of (total, count) pairs summed, at least MIN_SCALE (a scene or view without a valid pixel)."""
     total, count = sum(t for t, _ in sums), sum(c for _, c in sums)
     return (total / count.clamp(min=1)).clamp(min=MIN_SCALE)
 

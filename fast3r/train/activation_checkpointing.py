@@ -71,10 +71,6 @@ def apply_activation_checkpointing(model: Fast3R, mode: str) -> dict[str, int]:
     return report
 
 
-def checkpointing_mode(model: Fast3R) -> str:
-    return getattr(model, _MARK, None) or "none"
-
-
 def _checkpoint_forward(module: nn.Module, keep_attention: bool = False) -> None:
     module.forward = functools.partial(_checkpointed, module.forward, keep_attention)
 
