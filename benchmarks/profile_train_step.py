@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import HW, random_batch, training_config
+from bench_train import HW, _sync, random_batch, training_config
 
 from fast3r.loss import fast3r_loss
 from fast3r.train import loop
@@ -48,11 +48,6 @@ FAMILIES = {  # substring of a kernel name -> family (first match wins)
 def family(name: str) -> str:
     lower = name.lower()
     return next((fam for fam, keys in FAMILIES.items() if any(k in lower for k in keys)), "other")
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def timed(fn, reps: int) -> tuple[float, object]:
