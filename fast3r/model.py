@@ -50,6 +50,7 @@ class Fast3R(nn.Module):
         self.downstream_head = DPTHead(self.config, ops)
         self.downstream_head_local = DPTHead(self.config, ops) if self.config.with_local_head else None
         self._replay_graphs = False  # set by compile(mode="reduce-overhead")
+        self._capturing = False  # True while _graphed captures: the forward inside must not graph itself again
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -107,7 +108,7 @@ class Fast3R(nn.Module):
         """
         if memory not in MEMORY_MODES:
             raise ValueError(f"memory={memory!r}; choose one of {MEMORY_MODES}")
-        if not cuda_graph and self._replay_graphs:  # Fast3R.compile(mode="reduce-overhead")
+        if not cuda_graph and self._replay_graphs and not self._capturing:  # Fast3R.compile(mode="reduce-overhead")
             cuda_graph = (isinstance(images, torch.Tensor) and images.is_cuda and process_group is None
                           and memory != "lean" and not self.training and not torch.is_grad_enabled())
         if cuda_graph:
@@ -180,10 +181,14 @@ class Fast3R(nn.Module):
         ids = _to_device(self._image_ids(image_ids, seed, batch, len(views)), images.device)
         if not hasattr(self, "_graph_cache"):
             self._graph_cache = GraphCache()
-        outputs = self._graph_cache.run(
-            lambda x: self(x, image_ids=ids, encoder_chunk=encoder_chunk or len(views),
-                           head_chunk=head_chunk or min(len(views), memory.MAX_HEAD_CHUNK)),
-            images, (tuple(ids.flatten().tolist()), encoder_chunk, head_chunk))
+        self._capturing = True  # the forward captured (and its warm-up) runs eager, not graphed again
+        try:
+            outputs = self._graph_cache.run(
+                lambda x: self(x, image_ids=ids, encoder_chunk=encoder_chunk or len(views),
+                               head_chunk=head_chunk or min(len(views), memory.MAX_HEAD_CHUNK)),
+                images, (tuple(ids.flatten().tolist()), encoder_chunk, head_chunk))
+        finally:
+            self._capturing = False
         if output_device is not None:
             outputs = [{k: t.to(output_device) for k, t in view.items()} for view in outputs]
         return outputs

@@ -95,13 +95,15 @@ def _pose(cam2world: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
 
 
 def _pointmap(preds: list[dict[str, torch.Tensor]], sample: dict, index: int) -> dict[str, float]:
-    points = torch.stack([view["pts3d_in_other_view"] for view in preds]).cpu()
-    conf = torch.stack([view["conf"] for view in preds]).cpu()
+    """On the predictions' device: the exact nearest neighbours of 10k points both ways take 1.7 s on one CPU core."""
+    points = torch.stack([view["pts3d_in_other_view"] for view in preds])
+    conf = torch.stack([view["conf"] for view in preds])
     valid = sample["valid_mask"].bool()
     flat = valid.flatten().nonzero()[:, 0]
     if len(flat) > VAL_POINTS:
         chosen = torch.randperm(len(flat), generator=torch.Generator().manual_seed(VAL_SEED + index))[:VAL_POINTS]
         flat = flat[chosen]
-    metrics = pointmap_accuracy_completion(points.reshape(-1, 3)[flat], sample["pts3d"].reshape(-1, 3)[flat].float(),
-                                           weights=conf.reshape(-1)[flat])
+    gt = sample["pts3d"].reshape(-1, 3)[flat].float().to(points.device)
+    flat = flat.to(points.device)
+    metrics = pointmap_accuracy_completion(points.reshape(-1, 3)[flat], gt, weights=conf.reshape(-1)[flat])
     return {"accuracy": metrics["accuracy"], "completion": metrics["completion"]}
