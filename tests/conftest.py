@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (benchmarks/gpu_check.py runs them on the H100)")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (`bash benchmarks/gpu_one.sh tests` runs them on the H200)")
     config.addinivalue_line("markers", "interpreter: a case-table instance for the Triton interpreter (CPU)")
 
 
@@ -25,7 +25,7 @@ def pytest_collection_modifyitems(config, items):
             if "interpreter" in item.keywords:
                 item.add_marker(skip)
         return
-    skip = pytest.mark.skip(reason="no CUDA GPU here; benchmarks/gpu_check.py runs these on the H100")
+    skip = pytest.mark.skip(reason="no CUDA GPU here; `bash benchmarks/gpu_one.sh tests` runs these on the H200")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

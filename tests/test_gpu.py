@@ -1,4 +1,4 @@
-"""The kernel tests at real Fast3R sizes, on a CUDA GPU (run by benchmarks/gpu_check.py on the H100).
+"""The kernel tests at real Fast3R sizes, on a CUDA GPU (run by `bash benchmarks/gpu_one.sh tests` on the H200).
 
 Tolerances: bf16 results must be within 2x of PyTorch's own bf16 error against an fp32
 reference (and under 2e-2); at sequence lengths where no full reference fits, a random
