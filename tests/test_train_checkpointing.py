@@ -11,6 +11,7 @@ import dataclasses
 import pytest
 import torch
 import train_cases
+from op_log import OpLog
 
 from fast3r import Fast3R, fast3r_loss
 from fast3r.config import Fast3RConfig
@@ -137,19 +138,6 @@ def test_precision_refuses_reduced_precision_weights(model):
         apply_precision(copy.deepcopy(model).to(torch.bfloat16), "bf16-mixed")
 
 
-class _AttentionCalls(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the forward attention ops by sequence length (fusion: every view's tokens; encoder: one view's)."""
-
-    def __init__(self):
-        super().__init__()
-        self.lengths = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in attention_ops():
-            self.lengths.append(max(args[0].shape[-3:-1]))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("mode", ["blocks", "full"])
 def test_blocks_keeps_the_fusion_attention_and_full_recomputes_it(model, mode):
     """The backward of ``blocks`` recomputes every encoder attention but no fusion attention (its outputs were
@@ -159,11 +147,13 @@ def test_blocks_keeps_the_fusion_attention_and_full_recomputes_it(model, mode):
     apply_activation_checkpointing(wrapped, mode)
     preds = wrapped(images, image_ids=torch.arange(VIEWS)[None].expand(2, -1), encoder_chunk=2, head_chunk=2)
     loss, _ = fast3r_loss(preds, gts)
-    with _AttentionCalls() as calls:
+    with OpLog() as log:
         loss.backward()
+    # the sequence length of each forward attention op run: every view's tokens (fusion) or one view's (encoder)
+    lengths = [max(shape[-3:-1]) for op, shape in log.ops if op in attention_ops()]
     fusion_length, view_tokens = VIEWS * (SIZE // 16) ** 2, (SIZE // 16) ** 2
     fusion_depth, encoder_depth = len(wrapped.decoder.dec_blocks), len(wrapped.encoder.enc_blocks)
-    recomputed_fusion = calls.lengths.count(fusion_length)
+    recomputed_fusion = lengths.count(fusion_length)
     encoder_passes = 2 if mode == "full" else 1  # full re-runs the encoder, then its blocks inside
     assert recomputed_fusion == (0 if mode == "blocks" else fusion_depth)
-    assert calls.lengths.count(view_tokens) == encoder_passes * encoder_depth * 2  # two encoder chunks (3 views, 2 a chunk)
+    assert lengths.count(view_tokens) == encoder_passes * encoder_depth * 2  # two encoder chunks (3 views, 2 a chunk)
