@@ -14,10 +14,12 @@ precision, the slower) measures the step rate with data loading, and both runs g
 
 Why these numbers: a first run (8 views from the whole trajectory, 4 samples a step, 466 steps: 1.9k
 samples) learned the scenes' average shape and no poses. Its steps took ~0.17 s, set by the host (the
-launches of a small model), not by the GPU: 64 samples a step cost about the same time and give 16x the
-samples, which the data workers (one view ~10 ms on one core: render 5 ms, crop and colour jitter 4 ms)
-can just feed. On the CPU the same 4-scene set is fitted (training samples' RRA@15 0.75, RTA@15 1.0) long
-before held-out scenes improve: what is missing is samples, not a working pipeline.
+launches of a small model), not by the GPU, so a step of 64 samples was expected to cost little more; it
+took 0.31-0.36 s on the H200 (about 800 views/s; the data workers, one view ~10 ms on one core, are the
+likely limit, not profiled): 24k samples in 372 steps, which still did not learn the cameras
+(benchmarks/NOTES.md). On the CPU a tiny model fitted to 2 scenes recovers the cameras of its training
+samples (RRA@15 0.75, RTA@15 1.0) but not of other samples of the same scenes: what is missing is
+training, not a working pipeline.
 
 Reported per precision (``results/learning_run_<gpu>.json`` and a PNG beside it): the loss and the mean
 point distance at the start and the end (the loss can end below 0, since the confidence term is
