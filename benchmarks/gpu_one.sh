@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Release 3's measurements on one H200 (the device tool's nvidia-h200), each phase one call of under 10 minutes:
 #
-#   bash benchmarks/gpu_one.sh learn    # where a training step's time goes (profile, GPU alone), then the
-#                                       # learning run beside the GPU tests (neither is a timing of the other)
+#   bash benchmarks/gpu_one.sh learn    # where the learning run's step (eager and compiled) and its validation
+#                                       # go (GPU alone), then the learning run beside the GPU tests
+#   bash benchmarks/gpu_one.sh profile  # where the large model's 32-view training step goes, both backends
 #   bash benchmarks/gpu_one.sh bench    # the training-step targets (bench_train.py), then GPU tests until CALL_SECONDS
 #   bash benchmarks/gpu_one.sh tests    # the whole -m gpu suite
 #
@@ -25,16 +26,23 @@ gpu_tests() {  # $1: seconds at most; pytest -v logs each test as it ends, so a 
     echo "gpu tests: exit $?" >> "$out/gpu_tests.log"
 }
 
-case "${1:?usage: gpu_one.sh learn|bench|tests}" in
-learn)
+case "${1:?usage: gpu_one.sh learn|profile|bench|tests}" in
+learn)  # 8 files come back: 3 profiles, their log, the learning run's JSON, PNG and log, the tests' log
+    for compiled in "" --compile; do
+        $py benchmarks/profile_train_step.py --model learning-run $compiled --top 20 \
+            --out "$out/profile_learning_run${compiled:+_compiled}.json" >> "$out/profile_learning_run.log" 2>&1
+    done
+    $py benchmarks/profile_validation.py --out "$out/profile_validation.json" >> "$out/profile_learning_run.log" 2>&1
+    $py benchmarks/learning_run.py ${LEARN_MINUTES:+--minutes $LEARN_MINUTES} ${LEARN_ARGS:-} \
+        --out "$out/learning_run_h200.json" > "$out/learning_run.log" 2>&1 &
+    gpu_tests "${TEST_SECONDS:-380}"
+    wait
+    ;;
+profile)
     for backend in triton torch; do
         $py benchmarks/profile_train_step.py --backend "$backend" --views 32 --size 512 \
             --out "$out/profile_train_${backend}_512_32.json" > "$out/profile_train_$backend.log" 2>&1
     done
-    $py benchmarks/learning_run.py --minutes "${LEARN_MINUTES:-2.0}" --out "$out/learning_run_h200.json" \
-        > "$out/learning_run.log" 2>&1 &
-    gpu_tests "${TEST_SECONDS:-380}"
-    wait
     ;;
 bench)  # then the GPU tests for what is left of the call
     start=$SECONDS

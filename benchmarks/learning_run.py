@@ -5,7 +5,7 @@
 
 Trains ``MODEL`` (a 6 + 6 block, 256-wide Fast3R, 13M parameters) from scratch with ``fast3r.train.train``
 on procedural scenes (``{format: synthetic}`` of fast3r.train.data: exact depth and cameras; 128 scenes for
-training, as many as a DataLoader worker keeps built, and 16 held out), 4 views of
+training, as many as a DataLoader worker keeps built, and 16 held out, 2 samples each), 4 views of
 224 x 224 per sample drawn from a run of 8 consecutive views of a scene's 24-view trajectory (so that the
 views overlap the first one, whose camera frame the pointmaps are in), 64 samples per step, AdamW 1e-3 with
 warm-up and cosine, once with ``precision: bf16-mixed`` and once with ``precision: official``, on the same
@@ -15,9 +15,10 @@ precision, the slower) measures the step rate with data loading, and both runs g
 Why these numbers: a first run (8 views from the whole trajectory, 4 samples a step, 466 steps: 1.9k
 samples) learned the scenes' average shape and no poses. Its steps took ~0.17 s, set by the host (the
 launches of a small model), not by the GPU, so a step of 64 samples was expected to cost little more; it
-took 0.31-0.36 s on the H200 (about 800 views/s; the data workers, one view ~10 ms on one core, are the
-likely limit, not profiled): 24k samples in 372 steps, which still did not learn the cameras
-(benchmarks/NOTES.md). On the CPU a tiny model fitted to 2 scenes recovers the cameras of its training
+took 0.31-0.36 s on the H200, and the step's own time (the bar's views/s, 800-870, was counted over it)
+was ~0.30 s of that: the step, not the data workers, set the pace (not profiled yet:
+``profile_train_step.py --model learning-run`` does it). 24k samples in 372 steps still did not learn
+the cameras (benchmarks/NOTES.md). On the CPU a tiny model fitted to 2 scenes recovers the cameras of its training
 samples (RRA@15 0.75, RTA@15 1.0) but not of other samples of the same scenes: what is missing is
 training, not a working pipeline.
 
@@ -54,7 +55,9 @@ from fast3r.train.logging import read_metrics
 MODEL = {"enc_dim": 256, "enc_depth": 6, "enc_heads": 4, "fusion_dim": 256, "fusion_depth": 6, "fusion_heads": 4,
          "head_feature_dim": 64, "head_layer_dims": [32, 64, 128, 256]}
 TRAIN_SCENES = [{"format": "synthetic", "scenes": 128, "seed": 0}]  # as many as a worker caches (synthetic.py)
-HELD_OUT = [{"format": "synthetic", "scenes": 16, "seed": 100_000}]
+# 2 samples a scene: each held-out sample cost ~0.3 s of validation on the H200, and the default (a scene's 24 views
+# // 4: 6 samples a scene, 96 in all) made every validation pass ~30 s.
+HELD_OUT = [{"format": "synthetic", "scenes": 16, "seed": 100_000, "samples": 32}]
 PRECISIONS = ("bf16-mixed", "official")
 PROBE_STEPS = 30
 CHECKS = {"loss_ratio": 3.0, "pose_points": 0.20, "accuracy_ratio": 2.0}
@@ -64,7 +67,7 @@ LR, BATCH, VIEWS, WINDOW = 1e-3, 64, 4, 8
 
 
 def config(out: Path, precision: str, steps: int, cpu: bool, lr: float = LR, batch: int = BATCH, views: int = VIEWS,
-           window: int | None = WINDOW) -> TrainConfig:
+           window: int | None = WINDOW, compile: bool = False) -> TrainConfig:
     """window: draw each sample's views from a run of this many consecutive views of a scene's trajectory
     (smaller camera motion within a sample); None: from the whole trajectory."""
     within = {} if window is None else {"window": window}
@@ -75,16 +78,16 @@ def config(out: Path, precision: str, steps: int, cpu: bool, lr: float = LR, bat
         steps=steps, lr=lr, min_lr=1e-5, warmup=max(1, min(100, steps // 10)), weight_decay=0.05, clip=1.0,
         precision=precision, checkpointing="none", backend="torch" if cpu else "auto", device="cpu" if cpu else "cuda",
         image_ids="random", out=str(out), seed=0, log_every=max(1, steps // 60), val_every=max(1, steps // 2),
-        save_every=steps)
+        save_every=steps, compile=compile)
 
 
 def step_rate(root: Path, make) -> float:
-    """Seconds per step, data loading included, of the slower precision (official)."""
+    """Seconds per step, the wait for data included, of the slower precision (official)."""
     probe = make(root / "probe", "official", PROBE_STEPS).replace(val_data=[])
     summary = train(probe)
     steps = [r for r in read_metrics(root / "probe") if r["kind"] == "train" and r["step"] > 5]
     # The median: the H200's probe averaged 0.27 s a step where the runs then took ~0.17 s (a few slow steps).
-    measured = statistics.median(r["step_s"] for r in steps)
+    measured = statistics.median(r["step_s"] + r["data_s"] for r in steps)
     print(f"probe: {measured:.3f} s per step ({summary['seconds']:.0f} s for {PROBE_STEPS} steps)", file=sys.stderr)
     return measured
 
@@ -144,20 +147,22 @@ def plot(runs: dict[str, Path], identity: dict[str, float], path: Path, title: s
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--minutes", type=float, default=2.1, help="training time per precision at the probe's "
-                        "step rate (default 2.1: the H200's run with 2.7 took 9.1 minutes in all, 3.8 of them for the "
-                        "probe, the validations and the runs' start)")
+    parser.add_argument("--minutes", type=float, default=2.3, help="training time per precision at the probe's "
+                        "step rate (default 2.3: the H200's run with 2.7 took 9.1 minutes in all, ~3 of them for six "
+                        "validation passes of 96 samples, now of 32; its probe read 0.43 s a step, the runs 0.33 s)")
     parser.add_argument("--steps", type=int, help="fixed step count instead of --minutes")
     parser.add_argument("--lr", type=float, default=LR, help=f"peak learning rate (default {LR:g})")
     parser.add_argument("--batch-size", type=int, default=BATCH, help=f"samples per step on the GPU (default {BATCH})")
     parser.add_argument("--views", type=int, default=VIEWS, help=f"views per sample (default {VIEWS})")
     parser.add_argument("--window", type=int, default=WINDOW, help="draw a sample's views from this many consecutive "
                         f"views of its scene's 24-view trajectory (default {WINDOW}; 0: the whole trajectory)")
+    parser.add_argument("--compile", action="store_true", help="compile: true (Fast3R.compile() before the first step)")
     parser.add_argument("--cpu-check", action="store_true", help="a short run on the CPU (logic, not the result)")
     parser.add_argument("--out", type=Path, help="results JSON (default results/learning_run_<gpu>.json)")
     args = parser.parse_args()
     cpu = args.cpu_check or not torch.cuda.is_available()
-    make = functools.partial(config, cpu=cpu, lr=args.lr, batch=args.batch_size, views=args.views, window=args.window or None)
+    make = functools.partial(config, cpu=cpu, lr=args.lr, batch=args.batch_size, views=args.views, window=args.window or None,
+                             compile=args.compile)
     if cpu:
         print("CPU check: a short run to see the loss fall and the metrics move; not the GPU result", file=sys.stderr)
     started = time.perf_counter()

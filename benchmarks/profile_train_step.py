@@ -1,6 +1,12 @@
 """Where a training step's time goes: each phase device-synchronized, then the kernels of one step.
 
     python benchmarks/profile_train_step.py --backend triton --views 32 --size 512 [--checkpointing none]
+    python benchmarks/profile_train_step.py --model learning-run [--compile]   # the learning run's step
+
+``--model learning-run``: the learning run's small model and step (benchmarks/learning_run.py: 64
+samples of 4 views of 224 x 224, its precision and backend) on random data, to see whether that
+step is bound by the GPU's work or by the host's launches (compare step_s with the profiled device
+time). ``--compile``: ``Fast3R.compile()`` first (as ``compile: true`` in a training config).
 
 Phases (a warm-up step first, then each phase timed with a synchronize on both sides, median of
 --reps): the model's forward under the step's autocast, ``fast3r_loss``, the backward, AdamW. Then
@@ -16,6 +22,7 @@ import functools
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import learning_run
 from bench_train import HW, _sync, random_batch, training_config
 
 from fast3r.loss import fast3r_loss
@@ -61,6 +69,13 @@ def timed(fn, reps: int) -> tuple[float, object]:
     return statistics.median(seconds), result
 
 
+def samples(count: int, views: int, hw: tuple[int, int]) -> dict:
+    """``count`` random samples batched as the DataLoader batches them (bench_train.random_batch's layout)."""
+    parts = [random_batch(views, hw, pin=False, seed=i) for i in range(count)]
+    return {key: torch.cat([p[key] for p in parts]) if isinstance(parts[0][key], torch.Tensor)
+            else [item for p in parts for item in p[key]] for key in parts[0]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backend", default="triton", choices=("triton", "torch"))
@@ -69,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpointing", default="none", choices=("none", "blocks", "full"))
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--model", default="large", choices=("large", "learning-run"))
+    parser.add_argument("--precision", default="bf16-mixed", choices=("bf16-mixed", "official"),
+                        help="with --model learning-run (the large model profiles bf16-mixed)")
+    parser.add_argument("--compile", action="store_true", help="Fast3R.compile() before the warm-up step")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -77,12 +96,19 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
     device = torch.device("cuda" if cuda else "cpu")
     backend = args.backend if cuda else "torch"  # the CPU model's head dim 32 runs on the torch backend only
-    config = training_config(backend, args.size, args.views, args.checkpointing, cuda)
+    if args.model == "learning-run":
+        config = learning_run.config(Path(tempfile.gettempdir()), args.precision, 100, cpu=not cuda)
+        config = config.replace(checkpointing=args.checkpointing)
+        args.views, args.size, args.backend = config.views, config.size, "auto"
+    else:
+        config = training_config(backend, args.size, args.views, args.checkpointing, cuda)
     model = loop.build_model(config, device)
     autocast = apply_precision(model, config.precision)
     apply_activation_checkpointing(model, args.checkpointing)
+    if args.compile:
+        model.compile()
     optimizer = loop.build_optimizer(config, model)
-    images, gts = to_model_inputs(random_batch(args.views, HW[args.size], pin=cuda))
+    images, gts = to_model_inputs(samples(config.batch_size, args.views, HW[args.size]))
     images = images.to(device)
     gts = [{k: v.to(device) for k, v in gt.items()} for gt in gts]
 
@@ -134,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{ms:9.2f} ms {count:6d}x  {name[:140]}")
     if args.out:
         args.out.write_text(json.dumps({
-            "backend": args.backend, "views": args.views, "size": args.size, "checkpointing": args.checkpointing,
+            "model": args.model, "backend": args.backend, "precision": config.precision, "compile": args.compile,
+            "samples": config.batch_size, "views": args.views, "size": args.size, "checkpointing": args.checkpointing,
             "gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, **phases,
             "profiled_device_ms": total_ms, "families_ms": families,
             "kernels": [{"name": n, "ms": ms, "count": c} for n, ms, c in kernels[:100]]}, indent=1))

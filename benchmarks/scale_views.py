@@ -214,6 +214,7 @@ class Scene:
 def measure_point(model: Fast3R, timer: StageTimer | None, scene: Scene, repeats: int, warmup: bool, device: str,
                   graph: bool, memory_mode: str = "auto") -> dict:
     seconds, stages = [], []
+    cache_before = inductor_cache_counts()
     for i in range(int(not warmup), repeats + 1):  # run 0 warms up (kernel compilation, allocator, graph capture)
         if device == "cuda":
             torch.cuda.synchronize()
@@ -239,6 +240,9 @@ def measure_point(model: Fast3R, timer: StageTimer | None, scene: Scene, repeats
               "views_per_second": len(scene.images) * _world() / statistics.median(seconds), "warmup": warmup}
     if warmup:
         record["first_call_seconds"] = round(first_call, 3)
+    cache = {key: count - cache_before[key] for key, count in inductor_cache_counts().items()}
+    if any(cache.values()):  # compiled: hits mean this process reused graphs an earlier run compiled
+        record["inductor_cache"] = cache
     if device == "cuda" and not graph:  # a replayed graph runs no module hooks: no stage split
         record.update({f"seconds_{s}": _max_over_ranks(statistics.median(x[s] for x in stages))
                        for s in (*STAGES, "fusion_blocks")})
@@ -250,6 +254,13 @@ def measure_point(model: Fast3R, timer: StageTimer | None, scene: Scene, repeats
     if device == "cuda":
         record["nvml_used_gib"] = used
     return record
+
+
+def inductor_cache_counts() -> dict[str, int]:
+    """Inductor's FX-graph cache hits and misses so far in this process (its on-disk cache outlives the process)."""
+    from torch._dynamo.utils import counters
+
+    return {"hits": counters["inductor"]["fxgraph_cache_hit"], "misses": counters["inductor"]["fxgraph_cache_miss"]}
 
 
 def extrapolate_depth(record: dict, layers_run: int, depth: int, memory_plan: str) -> None:

@@ -125,8 +125,50 @@ def torch_patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 
 def torch_upsample(x: torch.Tensor, scale_factor: float) -> torch.Tensor:
-    """(N, C, H, W) -> bilinear, aligned corners (DPT's), ``floor(H * scale_factor)`` x ``floor(W * scale_factor)``."""
+    """(N, C, H, W) -> bilinear, aligned corners (DPT's), ``floor(H * scale_factor)`` x ``floor(W * scale_factor)``.
+
+    On the CPU through ``fast3r::upsample_bilinear_cpu``, which Inductor cannot see into: compiled on
+    the CPU (torch 2.13), the DPT heads built on ``F.interpolate`` returned all-zero gradients for
+    every parameter and input of the heads, while the forward was right (aot_eager was right too;
+    tests/test_compile.py holds the case). With aligned corners the size alone fixes the result.
+    """
+    if x.device.type == "cpu":
+        return torch.ops.fast3r.upsample_bilinear_cpu(x, *scaled_size(x, scale_factor))
     return F.interpolate(x, scale_factor=scale_factor, mode="bilinear", align_corners=True)
+
+
+@torch.library.custom_op("fast3r::upsample_bilinear_cpu", mutates_args=(), device_types="cpu")
+def _upsample_bilinear_cpu(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=True).contiguous()
+
+
+@_upsample_bilinear_cpu.register_fake
+def _(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], x.shape[1], height, width)
+
+
+@torch.library.custom_op("fast3r::upsample_bilinear_cpu_backward", mutates_args=(), device_types="cpu")
+def _upsample_bilinear_cpu_backward_op(grad: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The gradient of an (height, width) input from the output's gradient."""
+    n, c = grad.shape[:2]
+    return torch.ops.aten.upsample_bilinear2d_backward(grad.contiguous(), list(grad.shape[-2:]), [n, c, height, width],
+                                                       True)
+
+
+@_upsample_bilinear_cpu_backward_op.register_fake
+def _(grad: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    return grad.new_empty(grad.shape[0], grad.shape[1], height, width)
+
+
+def _upsample_bilinear_cpu_setup(ctx, inputs, output) -> None:
+    ctx.input_hw = tuple(inputs[0].shape[-2:])
+
+
+def _upsample_bilinear_cpu_backward(ctx, grad: torch.Tensor):
+    return torch.ops.fast3r.upsample_bilinear_cpu_backward(grad, *ctx.input_hw), None, None
+
+
+_upsample_bilinear_cpu.register_autograd(_upsample_bilinear_cpu_backward, setup_context=_upsample_bilinear_cpu_setup)
 
 
 TORCH = Ops("torch", torch_attention, torch_attention_with_lse, torch_layer_norm, torch_patch_embed, torch_upsample)

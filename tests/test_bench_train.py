@@ -16,9 +16,17 @@ def one_thread():
 
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "bench_train.py")
-bench_train = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench_train)
+
+
+def benchmark_script(name: str):
+    """benchmarks/<name>.py as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench_train = benchmark_script("bench_train")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU smoke run; on a GPU the script is the benchmark")
@@ -51,9 +59,7 @@ def test_list_and_bad_items(capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU smoke run; on a GPU the script is the profile")
 def test_profile_script_splits_a_step_on_the_cpu(tmp_path):
-    spec = importlib.util.spec_from_file_location("profile_train_step", ROOT / "benchmarks" / "profile_train_step.py")
-    profile = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(profile)
+    profile = benchmark_script("profile_train_step")
     out = tmp_path / "profile.json"
     assert profile.main(["--views", "2", "--size", "224", "--reps", "1", "--top", "5", "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
@@ -61,3 +67,29 @@ def test_profile_script_splits_a_step_on_the_cpu(tmp_path):
     assert sum(doc["families_ms"].values()) == pytest.approx(doc["profiled_device_ms"], rel=1e-9)
     assert doc["kernels"] and doc["kernels"][0]["ms"] >= doc["kernels"][-1]["ms"]
     assert profile.family("void cudnn_generated_fort_native_sdpa_sm90_flash_bprop") == "attention"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU smoke run; on a GPU the script is the profile")
+def test_profile_script_takes_the_learning_runs_step(tmp_path):
+    profile = benchmark_script("profile_train_step")
+    out = tmp_path / "profile.json"
+    assert profile.main(["--model", "learning-run", "--precision", "official", "--reps", "1", "--top", "3",
+                         "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    # the CPU check of learning_run.py runs 1 sample a step; the GPU's run 64
+    assert (doc["model"], doc["precision"], doc["samples"], doc["views"], doc["size"]) == \
+        ("learning-run", "official", 1, 4, 224)
+    assert all(doc[k] > 0 for k in ("step_s", "forward_s", "backward_s"))
+
+
+def test_validation_profile_splits_a_pass_into_its_phases(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_LAUNCH_BLOCKING", "1")  # what the script sets when imported; unset again afterwards
+    profile = benchmark_script("profile_validation")
+    out = tmp_path / "validation.json"
+    assert profile.main(["--samples", "1", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["samples"] == 1 and doc["views"] == 4
+    phases = doc["phase_ms_per_sample"]
+    assert set(phases) == set(profile.PHASES) and all(ms > 0 for ms in phases.values())
+    # the phases are the sample's work: together within the profiled pass, and most of it
+    assert 0.5 * doc["profiled_s_per_sample"] <= sum(phases.values()) / 1e3 <= doc["profiled_s_per_sample"]

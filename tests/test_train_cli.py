@@ -42,7 +42,8 @@ def test_train_writes_every_output_and_resumes(tmp_path, config_file, capsys):
     validations = [r for r in records if r["kind"] == "val"]
     assert [r["step"] for r in validations] == [0, 2, 3]
     assert {"loss", "RRA@15", "RTA@15", "mAA@30", "accuracy", "completion"} <= validations[-1].keys()
-    assert all(0 <= r["RRA@15"] <= 1 and r["accuracy"] > 0 for r in validations)
+    assert all(0 <= r["RRA@15"] <= 1 and r["accuracy"] > 0 and r["val_s"] > 0 for r in validations)
+    assert all(r["data_s"] >= 0 and r["views/s"] > 0 for r in records if r["kind"] == "train")
     assert latest(run).name == "step_00000003"
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pytest.importorskip("tensorboard")

@@ -74,6 +74,7 @@ def test_error_names_the_file(tmp_path):
     ("size", 384, r"size=384; choose one of 224, 512"),
     ("precision", "bf16", r"precision='bf16'; choose one of bf16-mixed, official, fp32"),
     ("checkpointing", "selective", r"checkpointing='selective'; choose one of none, blocks, full"),
+    ("compile", "yes", r"compile='yes' is not true or false"),
     ("freeze", ["decoder"], r"freeze=\['decoder'\]; list parts to freeze from encoder, fusion, head, local_head"),
     ("betas", [0.9], r"betas=\[0.9\] is not a pair"),
     ("betas", [0.9, 1.5], r"both betas must be in \[0, 1\)"),

@@ -5,6 +5,7 @@ Runs a small model (tests/train_cases.py) on the synthetic scenes at 224 x 224, 
 
 import itertools
 import json
+import time
 
 import pytest
 import torch
@@ -129,14 +130,24 @@ def test_fewer_views_than_asked_is_a_named_error(tmp_path):
         train(config)
 
 
-class Poisoned(torch.utils.data.Dataset):
-    """Odd samples hold NaN at one valid pixel of their view 2."""
+class Wrapped(torch.utils.data.Dataset):
+    """The training set as the loop builds it, with a change per sample (subclasses' __getitem__)."""
 
     def __init__(self, dataset):
         self.dataset = dataset
 
     def __len__(self):
         return len(self.dataset)
+
+
+def wrap_training_set(monkeypatch, wrapper: type[Wrapped]) -> None:
+    build = loop.build_dataset
+    monkeypatch.setattr(loop, "build_dataset", lambda *a, **k: wrapper(build(*a, **k)) if k["split"] == "train"
+                        else build(*a, **k))
+
+
+class Poisoned(Wrapped):
+    """Odd samples hold NaN at one valid pixel of their view 2."""
 
     def __getitem__(self, i):
         sample = self.dataset[i]
@@ -147,9 +158,7 @@ class Poisoned(torch.utils.data.Dataset):
 
 
 def poison(monkeypatch):
-    build = loop.build_dataset
-    monkeypatch.setattr(loop, "build_dataset", lambda *a, **k: Poisoned(build(*a, **k)) if k["split"] == "train"
-                        else build(*a, **k))
+    wrap_training_set(monkeypatch, Poisoned)
 
 
 def test_nan_ground_truth_is_skipped_counted_and_named(tmp_path, monkeypatch, capsys):
@@ -172,6 +181,31 @@ def test_nan_ground_truth_stops_past_the_limit(tmp_path, monkeypatch):
     with pytest.raises(loop.BadGroundTruthError, match=r"step 2: ground truth holds NaN or Inf \(scene "
                        r"synthetic-\d+: points at valid pixels of \d{5}\.png\)"):
         train(config)
+
+
+class Slow(Wrapped):
+    """Each sample costs SLOW_S more to read: a DataLoader that cannot keep up."""
+
+    def __getitem__(self, i):
+        time.sleep(SLOW_S)
+        return self.dataset[i]
+
+
+SLOW_S = 0.2
+
+
+def test_the_wait_for_data_is_logged_apart_from_the_step(tmp_path, monkeypatch):
+    """data_s holds the read (workers=0: in the loop's own process), step_s not; views/s counts both."""
+    wrap_training_set(monkeypatch, Slow)
+    config = small_config(tmp_path / "slow", steps=3, batch_size=2, grad_accum=2)
+    train(config)
+    steps = records(tmp_path / "slow")
+    assert len(steps) == 3
+    per_step = config.batch_size * config.grad_accum  # samples read per optimizer step
+    for r in steps:
+        assert per_step * SLOW_S <= r["data_s"] < per_step * SLOW_S + 5
+        assert r["step_s"] > 0
+        assert r["views/s"] == pytest.approx(per_step * config.views / (r["step_s"] + r["data_s"]), rel=1e-9)
 
 
 def test_out_of_memory_names_what_would_fit(tmp_path, monkeypatch):
@@ -202,6 +236,19 @@ def test_diverging_loss_stops_with_advice(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "fast3r_loss", nan_loss)
     with pytest.raises(loop.TrainingDivergedError, match=r"the loss is nan at step 1 .*set clip"):
         train(small_config(tmp_path / "nan_loss", steps=2))
+
+
+def test_compile_trains_as_eager_does(tmp_path):
+    """compile: true (regional torch.compile, Inductor's CPU backend), with activation checkpointing inside the
+    compiled blocks: the same losses as the eager run. The second step's loss depends on the first step's
+    gradients, which were all zero for the heads and everything before them before fast3r::upsample_bilinear_cpu."""
+    eager = small_config(tmp_path / "eager", steps=2)
+    compiled = eager.replace(out=str(tmp_path / "compiled"), compile=True, checkpointing="blocks")
+    train(eager)
+    train(compiled)
+    expected = [r["loss"] for r in records(tmp_path / "eager")]
+    assert [r["loss"] for r in records(tmp_path / "compiled")] == pytest.approx(expected, rel=1e-5)
+    assert expected[1] < 0.95 * expected[0]  # the first step moved the weights
 
 
 def test_run_directory_rules(tmp_path):

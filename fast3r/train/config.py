@@ -76,6 +76,10 @@ class TrainConfig:
     checkpointing: str = "none"
     encoder_chunk: int | None = None  # views per encoder pass (default: from free memory)
     head_chunk: int | None = None  # views per head pass (default: from free memory)
+    # ---- speed
+    # Fast3R.compile(): each encoder block, fusion block and head compiled (regional torch.compile); the first
+    # steps pay the compilation, a new view count or resolution recompiles once.
+    compile: bool = False
     # ---- bookkeeping
     out: str = "runs/fast3r"
     seed: int = 0
@@ -308,7 +312,7 @@ _CHECKS = {
     "weight_decay": _number(0.0), "betas": _betas, "grad_accum": _integer(1),
     "clip": _number(0.0, above=True, optional=True), "freeze": _freeze,
     "precision": _choice(PRECISIONS), "checkpointing": _choice(CHECKPOINTING),
-    "encoder_chunk": _integer(1, optional=True), "head_chunk": _integer(1, optional=True),
+    "encoder_chunk": _integer(1, optional=True), "head_chunk": _integer(1, optional=True), "compile": _boolean,
     "out": _text, "seed": _integer(0), "deterministic": _boolean, "log_every": _integer(1), "val_every": _integer(0),
     "val_cameras": _choice(VAL_CAMERAS), "save_every": _integer(1), "keep_checkpoints": _integer(1),
     "max_bad_batches": _integer(0),

@@ -11,7 +11,9 @@ official validation: the fusion blocks' eval-mode softmax temperature applies), 
   similarity), then nearest-neighbour distances, on ``VAL_POINTS`` valid pixels drawn once per sample
   (the same pixels for every model, so numbers compare across checkpoints; exact nearest neighbours
   over all pixels of 10 views at 512 px would cost more than the step).
-The numbers are means over the samples; the ranks split the samples and sum.
+The numbers are means over the samples; the ranks split the samples and sum. Each phase of a sample
+runs in a ``torch.profiler.record_function`` range (``validate/read``, ``/forward``, ``/loss``,
+``/cameras``, ``/pointmap``) that benchmarks/profile_validation.py reads.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 from torch.utils.data import Dataset
 
 from ..cameras import estimate_cameras
@@ -46,7 +49,9 @@ def validate(model: nn.Module, dataset: Dataset, world: World, *, autocast: Call
     totals = dict.fromkeys((*METRICS, "samples"), 0.0)
     try:
         for index in range(world.rank, len(dataset), world.size):
-            for key, value in evaluate_sample(model, dataset[index], index, world.device, autocast=autocast,
+            with record_function("validate/read"):
+                sample = dataset[index]
+            for key, value in evaluate_sample(model, sample, index, world.device, autocast=autocast,
                                               image_ids=image_ids, cameras=cameras).items():
                 totals[key] += value
             totals["samples"] += 1
@@ -65,17 +70,19 @@ def evaluate_sample(model: nn.Module, sample: dict, index: int, device: torch.de
         ids = sample_image_indices(1, views, torch.Generator().manual_seed(VAL_SEED + index))
     else:
         ids = torch.arange(views)[None]
-    with autocast():
+    with record_function("validate/forward"), autocast():
         preds = model(images[None], image_ids=ids)
-    gts = [{"pts3d": sample["pts3d"][v][None].to(device), "valid_mask": sample["valid_mask"][v][None].to(device),
-            "camera_pose": sample["camera_pose"][v][None].to(device)} for v in range(views)]
-    loss, _ = fast3r_loss(preds, gts)
+    with record_function("validate/loss"):
+        gts = [{"pts3d": sample["pts3d"][v][None].to(device), "valid_mask": sample["valid_mask"][v][None].to(device),
+                "camera_pose": sample["camera_pose"][v][None].to(device)} for v in range(views)]
+        loss = float(fast3r_loss(preds, gts)[0])
     per_view = [{key: value[0].float() for key, value in view.items()} for view in preds]
-    with warnings.catch_warnings():  # an untrained model's focal is clamped on every sample: the metric says it
-        warnings.filterwarnings("ignore", message="estimated focal out of")
+    with record_function("validate/cameras"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="estimated focal out of")  # an untrained model's, every sample
         found = estimate_cameras(per_view, method=cameras)
-    out = {"loss": float(loss), **_pose(found["cam2world"], sample["camera_pose"])}
-    out.update(_pointmap(per_view, sample, index))
+        out = {"loss": loss, **_pose(found["cam2world"], sample["camera_pose"])}
+    with record_function("validate/pointmap"):
+        out.update(_pointmap(per_view, sample, index))
     return out
 
 

@@ -20,7 +20,7 @@ from typing import Any
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 CURVES = "curves.png"
-SHOWN_ON_BAR = {"loss": "{:.4f}", "lr": "{:.2e}", "views/s": "{:.1f}", "gpu_mem_gib": "{:.1f}"}
+SHOWN_ON_BAR = {"loss": "{:.4f}", "lr": "{:.2e}", "views/s": "{:.1f}", "data_s": "{:.2f}", "gpu_mem_gib": "{:.1f}"}
 
 
 class RunLog:

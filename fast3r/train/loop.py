@@ -120,7 +120,10 @@ def _train(run: Run) -> dict[str, Any]:
         if run.val_set is not None and run.step == 0:
             log.validation(0, run_validation(run))
         while run.step < config.steps:
-            record = train_step(run, [next(batches) for _ in range(config.grad_accum)], log)
+            waited = time.perf_counter()
+            micro_batches = [next(batches) for _ in range(config.grad_accum)]
+            data_s = time.perf_counter() - waited
+            record = throughput(train_step(run, micro_batches, log), config, world, data_s)
             run.step += 1
             first_loss = record["loss"] if first_loss is None else first_loss
             log.train_step(run.step, record)
@@ -209,10 +212,8 @@ def train_step(run: Run, micro_batches: list[dict], log: RunLog) -> dict[str, An
         raise TrainingOutOfMemoryError(oom_message(run, images)) from err
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    seconds = time.perf_counter() - start
-    views = config.views * config.batch_size * config.grad_accum * world.size
     return {"loss": loss, "regr": totals["regr"] / world.size, "lr": lr, "grad_norm": grad_norm,
-            "step_s": seconds, "views/s": views / seconds,
+            "step_s": time.perf_counter() - start,
             "gpu_mem_gib": torch.cuda.max_memory_allocated(world.device) / 2**30
             if world.device.type == "cuda" else None,
             "skipped_batches": run.counters["bad_batches"]}
@@ -280,8 +281,11 @@ def oom_message(run: Run, images: torch.Tensor) -> str:
 
 
 def run_validation(run: Run) -> dict[str, float]:
-    return validate(run.model, run.val_set, run.world, autocast=run.autocast, image_ids=run.config.image_ids,
-                    cameras=run.config.val_cameras)
+    """The held-out metrics, and ``val_s``: how long the pass took (it is a share of the run's time too)."""
+    start = time.perf_counter()
+    metrics = validate(run.model, run.val_set, run.world, autocast=run.autocast, image_ids=run.config.image_ids,
+                       cameras=run.config.val_cameras)
+    return {**metrics, "val_s": time.perf_counter() - start}
 
 
 # ------------------------------------------------------------------------------------------- set up
@@ -291,6 +295,8 @@ def setup(config: TrainConfig | None, resume: str | Path | None, world: World) -
     model = build_model(config, world.device)
     autocast = apply_precision(model, config.precision)
     apply_activation_checkpointing(model, config.checkpointing)
+    if config.compile:
+        model.compile()  # after checkpointing: each compiled region holds its checkpointed forward
     optimizer = build_optimizer(config, model)
     scheduler = build_schedule(config, optimizer)
     train_set, val_set = build_datasets(config)
@@ -375,6 +381,18 @@ def build_model(config: TrainConfig, device: torch.device) -> Fast3R:
         if head is not None:
             head.dpt.scratch.refinenet4.resConfUnit1.requires_grad_(False)
     return model
+
+
+def throughput(record: dict[str, Any], config: TrainConfig, world: World, data_s: float) -> dict[str, Any]:
+    """data_s: how long the step waited for its batches; views/s: over the wait and the step together.
+
+    A ``data_s`` that is a large part of ``step_s + data_s`` means the DataLoader workers starve the
+    GPU: raise ``workers``, or make the data cheaper. A skipped batch has no step time and no rate.
+    """
+    if record.get("step_s") is None:
+        return {**record, "data_s": data_s}
+    views = config.views * config.batch_size * config.grad_accum * world.size
+    return {**record, "data_s": data_s, "views/s": views / (record["step_s"] + data_s)}
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
