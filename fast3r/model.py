@@ -267,7 +267,9 @@ class Fast3R(nn.Module):
         three small graphs, not of the whole unrolled forward. The first scene compiles them for its
         shapes; a scene of another view count recompiles them once with symbolic token and view
         dimensions (torch.compile's automatic dynamic shapes), and no view count after that does;
-        ``dynamic=True`` starts symbolic. The per-view bookkeeping between them stays eager Python.
+        ``dynamic=True`` starts symbolic; ``dynamic=False`` compiles each new shape apart, as ``compile: true``
+        in a training config does (with symbolic sizes, Inductor's CPU backend fails on the heads' training
+        graph, torch 2.13). The per-view bookkeeping between them stays eager Python.
         ``mode="reduce-overhead"``: the regions compile in the default mode and every inference
         forward on a CUDA tensor then replays as one CUDA graph (``cuda_graph=True``); per-region
         graphs (Inductor's cudagraph trees) would overwrite a block's output at the next block's

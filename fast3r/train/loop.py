@@ -296,7 +296,10 @@ def setup(config: TrainConfig | None, resume: str | Path | None, world: World) -
     autocast = apply_precision(model, config.precision)
     apply_activation_checkpointing(model, config.checkpointing)
     if config.compile:
-        model.compile()  # after checkpointing: each compiled region holds its checkpointed forward
+        # After checkpointing: each compiled region holds its checkpointed forward. Static shapes: on the CPU
+        # (torch 2.13) Inductor fails on the heads' training graph with symbolic sizes (a stride comparison it cannot
+        # decide), and a training run has few shapes (one per resolution, and a last, smaller head chunk).
+        model.compile(dynamic=False)
     optimizer = build_optimizer(config, model)
     scheduler = build_schedule(config, optimizer)
     train_set, val_set = build_datasets(config)
