@@ -77,3 +77,19 @@ def test_two_ranks_equal_one_process_on_the_combined_batch(tmp_path):
     losses = {name: [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
                      if json.loads(line)["kind"] == "train"] for name in ("combined", "ranks")}
     assert losses["combined"] == pytest.approx(losses["ranks"], rel=1e-5)
+
+
+def test_two_compiled_ranks_equal_one_eager_process(tmp_path):
+    """compile: true under DDP (each rank compiles its blocks, DDP's hooks on the parameters): two steps equal the
+    eager single-process run on the combined batch, as the eager ranks do above."""
+    common = {"steps": 2, "shuffle": False, "data": SCENES, "save_every": 1000, "lr": LR}
+    train(small_config(tmp_path / "combined", batch_size=2, **common))
+    ranks = small_config(tmp_path / "ranks", batch_size=1, compile=True, **common)
+    mp.spawn(_rank, args=(2, free_port(), ranks.to_dict()), nprocs=2, join=True)
+    one, two = state(tmp_path / "combined"), state(tmp_path / "ranks")
+    for index, moments in one["optimizer"]["state"].items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert close(moments[name], two["optimizer"]["state"][index][name]), (index, name)
+    losses = {name: [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+                     if json.loads(line)["kind"] == "train"] for name in ("combined", "ranks")}
+    assert len(losses["ranks"]) == 2 and losses["combined"] == pytest.approx(losses["ranks"], rel=1e-5)
