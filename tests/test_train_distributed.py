@@ -9,7 +9,6 @@ gradients that differ in the last bits near |g| ~ eps move a parameter by a frac
 one process reading only its own sample differs by >= 4e-2 in every tensor's moments.
 """
 
-import json
 import os
 import socket
 
@@ -20,6 +19,7 @@ import train_cases
 from train_cases import small_config
 
 from fast3r.train import TrainConfig, train
+from fast3r.train.logging import read_metrics
 from fast3r.train.state import latest
 
 
@@ -48,6 +48,10 @@ def state(run_dir):
     return torch.load(latest(run_dir) / "state.pt", weights_only=True)
 
 
+def train_losses(run_dir) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir) if r["kind"] == "train"]
+
+
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool((a - b).abs().max() <= 5e-4 * a.abs().max().clamp_min(1e-12))
 
@@ -74,8 +78,7 @@ def test_two_ranks_equal_one_process_on_the_combined_batch(tmp_path):
     for key, value in one["model"].items():
         assert (value - two["model"][key]).abs().max() <= 0.02 * LR, key
 
-    losses = {name: [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
-                     if json.loads(line)["kind"] == "train"] for name in ("combined", "ranks")}
+    losses = {name: train_losses(tmp_path / name) for name in ("combined", "ranks")}
     assert losses["combined"] == pytest.approx(losses["ranks"], rel=1e-5)
 
 
@@ -90,6 +93,5 @@ def test_two_compiled_ranks_equal_one_eager_process(tmp_path):
     for index, moments in one["optimizer"]["state"].items():
         for name in ("exp_avg", "exp_avg_sq"):
             assert close(moments[name], two["optimizer"]["state"][index][name]), (index, name)
-    losses = {name: [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
-                     if json.loads(line)["kind"] == "train"] for name in ("combined", "ranks")}
+    losses = {name: train_losses(tmp_path / name) for name in ("combined", "ranks")}
     assert len(losses["ranks"]) == 2 and losses["combined"] == pytest.approx(losses["ranks"], rel=1e-5)

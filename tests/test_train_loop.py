@@ -4,7 +4,6 @@ Runs a small model (tests/train_cases.py) on the synthetic scenes at 224 x 224, 
 """
 
 import itertools
-import json
 import time
 
 import pytest
@@ -26,7 +25,7 @@ def one_thread():
 
 
 def records(run_dir, kind="train"):
-    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+    return [r for r in read_metrics(run_dir) if r["kind"] == kind]
 
 
 def final_state(run_dir):
