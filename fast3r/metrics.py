@@ -142,18 +142,24 @@ def pointmap_accuracy_completion(pred_points: torch.Tensor, gt_points: torch.Ten
 def nearest_neighbor_distances(query: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """(M, 3), (K, 3) -> (M,) Euclidean distance from each query point to its nearest reference point.
 
-    Exact: differences, not the |a|^2 + |b|^2 - 2ab expansion (which cancels for close points).
+    Exact: squared differences per coordinate, not the |a|^2 + |b|^2 - 2ab expansion (which cancels for close
+    points), in blocks of NEIGHBOR_BLOCK pairs. Three element-wise passes per block, not ``torch.cdist``: its
+    difference mode took 140 ms for 10k x 10k float64 points on an H200 (this: memory-bound; the same on a CPU).
     """
     rows = max(1, NEIGHBOR_BLOCK // max(len(reference), 1))
     cols = max(1, NEIGHBOR_BLOCK // rows)
+    by_coordinate = reference.T.contiguous()
     out = torch.empty(len(query), dtype=query.dtype, device=query.device)
     for a in range(0, len(query), rows):
-        block = torch.full((min(rows, len(query) - a),), math.inf, dtype=query.dtype, device=query.device)
+        block = query[a : a + rows]
+        nearest = torch.full((len(block),), math.inf, dtype=query.dtype, device=query.device)
         for b in range(0, len(reference), cols):
-            d = torch.cdist(query[a : a + rows], reference[b : b + cols], compute_mode="donot_use_mm_for_euclid_dist")
-            block = torch.minimum(block, d.min(dim=1).values)
-        out[a : a + rows] = block
-    return out
+            squared = (block[:, 0:1] - by_coordinate[0, b : b + cols]).square_()
+            for axis in (1, 2):
+                squared += (block[:, axis : axis + 1] - by_coordinate[axis, b : b + cols]).square_()
+            nearest = torch.minimum(nearest, squared.amin(dim=1))
+        out[a : a + rows] = nearest
+    return out.sqrt_()
 
 
 def _median(x: torch.Tensor) -> float:

@@ -369,10 +369,11 @@ def _as_views(images: Images, patch: int) -> tuple[list[torch.Tensor], bool]:
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Copy a small host tensor to ``device`` without waiting for the GPU (pinned, asynchronous).
 
-    Under torch.compile / export a plain copy: the graph owns its host-to-device transfers.
+    Under torch.compile / export a plain copy: the graph owns its host-to-device transfers. An expanded
+    tensor (sequential image ids of a batch) is made contiguous first: pinning cannot write overlapping memory.
     """
     if device.type == "cuda" and t.device.type == "cpu" and not torch.compiler.is_compiling():
-        return t.pin_memory().to(device, non_blocking=True)
+        return t.contiguous().pin_memory().to(device, non_blocking=True)
     return t.to(device)
 
 
