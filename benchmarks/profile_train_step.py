@@ -7,6 +7,9 @@
 samples of 4 views of 224 x 224, its precision and backend) on random data, to see whether that
 step is bound by the GPU's work or by the host's launches (compare step_s with the profiled device
 time). ``--compile``: ``Fast3R.compile()`` first (as ``compile: true`` in a training config).
+``--loop-steps N`` (with ``--model learning-run``): then N steps of ``fast3r.train.train`` itself on the
+synthetic scenes, and the median ``step_s`` and ``data_s`` of its records after the first 5: what the
+training loop adds to the step timed here (host-to-device copies, checks, the DataLoader's workers).
 
 Phases (a warm-up step first, then each phase timed with a synchronize on both sides, median of
 --reps): the model's forward under the step's autocast, ``fast3r_loss``, the backward, AdamW. Then
@@ -35,9 +38,10 @@ import learning_run
 from bench_train import HW, _sync, random_batch, training_config
 
 from fast3r.loss import fast3r_loss
-from fast3r.train import loop
+from fast3r.train import loop, train
 from fast3r.train.activation_checkpointing import apply_activation_checkpointing
 from fast3r.train.data import to_model_inputs
+from fast3r.train.logging import read_metrics
 from fast3r.train.precision import apply_precision
 
 FAMILIES = {  # substring of a kernel name -> family (first match wins)
@@ -76,6 +80,16 @@ def samples(count: int, views: int, hw: tuple[int, int]) -> dict:
             else [item for p in parts for item in p[key]] for key in parts[0]}
 
 
+def loop_rate(config, steps: int) -> dict[str, float]:
+    """Median step_s and data_s of ``steps`` steps of the training loop on the config's own data (after 5)."""
+    with tempfile.TemporaryDirectory(prefix="fast3r_loop_") as tmp:
+        train(config.replace(steps=steps, warmup=min(config.warmup, steps - 1), val_data=[], out=str(Path(tmp) / "run"),
+                             log_every=1, save_every=steps))
+        records = [r for r in read_metrics(Path(tmp) / "run") if r["kind"] == "train" and r["step"] > 5]
+    return {"loop_step_s": statistics.median(r["step_s"] for r in records),
+            "loop_data_s": statistics.median(r["data_s"] for r in records), "loop_steps": float(len(records))}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backend", default="triton", choices=("triton", "torch"))
@@ -88,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="bf16-mixed", choices=("bf16-mixed", "official"),
                         help="with --model learning-run (the large model profiles bf16-mixed)")
     parser.add_argument("--compile", action="store_true", help="Fast3R.compile() before the warm-up step")
+    parser.add_argument("--loop-steps", type=int, default=0, help="with --model learning-run: then time this many "
+                        "steps of the training loop itself (fast3r.train.train)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -158,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {fam:<14} {ms:9.1f} ms  {100 * ms / total_ms:5.1f}%")
     for name, ms, count in kernels[:args.top]:
         print(f"{ms:9.2f} ms {count:6d}x  {name[:140]}")
+    if args.loop_steps and args.model == "learning-run":
+        del model, optimizer, images, gts
+        phases.update(loop_rate(config.replace(compile=args.compile), args.loop_steps))
+        print(json.dumps({k: round(v, 4) for k, v in phases.items() if k.startswith("loop_")}))
     if args.out:
         args.out.write_text(json.dumps({
             "model": args.model, "backend": args.backend, "precision": config.precision, "compile": args.compile,

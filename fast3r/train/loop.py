@@ -171,10 +171,8 @@ def train_step(run: Run, micro_batches: list[dict], log: RunLog) -> dict[str, An
         torch.cuda.reset_peak_memory_stats(world.device)
     losses, distances = [], []
     for micro, batch in enumerate(micro_batches):
-        images, gts = to_model_inputs(batch)
-        check_views(batch, images, config.views)
-        images = images.to(world.device, non_blocking=True)
-        gts = [{key: value.to(world.device, non_blocking=True) for key, value in gt.items()} for gt in gts]
+        check_views(batch, batch["images"], config.views)
+        images, gts = to_model_inputs(batch, world.device)
         if skip_bad_batch(run, batch, gts, log):
             run.optimizer.zero_grad(set_to_none=True)  # earlier micro-batches of this step count for nothing
             with warnings.catch_warnings():  # the schedule advances without an update, on purpose
