@@ -118,7 +118,8 @@ def test_model_on_the_second_gpu_while_the_first_is_current(models):
 def test_a_batch_of_scenes_with_sequential_ids(models, image_ids):
     """A (B, N, 3, H, W) batch with the same ids for every scene: each scene equals its own forward. Sequential ids
     of a batch are an expanded tensor, and pinning it for the copy to the GPU failed ("more than one element of
-    the written-to tensor refers to a single memory location") before _to_device made it contiguous."""
+    the written-to tensor refers to a single memory location") before _to_device made it contiguous. Tolerance: the
+    module's fp32 one; a batch of two tiles the kernels differently (4.7e-4 measured on the H200)."""
     _, triton_model = models
     images = torch.randint(0, 256, (2, 3, 3, 224, 224), dtype=torch.uint8, device="cuda")
     ids = "sequential" if image_ids == "sequential" else torch.arange(3).expand(2, 3)
@@ -127,4 +128,5 @@ def test_a_batch_of_scenes_with_sequential_ids(models, image_ids):
         for b in range(2):
             alone = triton_model(images[b : b + 1], image_ids=torch.arange(3)[None])
             assert_backends_agree([{k: v[0] for k, v in view.items()} for view in alone],
-                                  [{k: v[b] for k, v in view.items()} for view in batched], 1e-4, f"scene {b}")
+                                  [{k: v[b] for k, v in view.items()} for view in batched], TOLERANCE[torch.float32],
+                                  f"scene {b}")
