@@ -9,7 +9,9 @@ step is bound by the GPU's work or by the host's launches (compare step_s with t
 time). ``--compile``: ``Fast3R.compile()`` first (as ``compile: true`` in a training config).
 ``--loop-steps N`` (with ``--model learning-run``): then N steps of ``fast3r.train.train`` itself on the
 synthetic scenes, and the median ``step_s`` and ``data_s`` of its records after the first 5: what the
-training loop adds to the step timed here (host-to-device copies, checks, the DataLoader's workers).
+training loop adds to the step timed here (host-to-device copies, checks, the DataLoader's workers); and
+the host seconds per step in each ``train/*`` range of the loop (a profile of all N steps, the first
+included), to show where that difference goes.
 
 Phases (a warm-up step first, then each phase timed with a synchronize on both sides, median of
 --reps): the model's forward under the step's autocast, ``fast3r_loss``, the backward, AdamW. Then
@@ -80,14 +82,18 @@ def samples(count: int, views: int, hw: tuple[int, int]) -> dict:
             else [item for p in parts for item in p[key]] for key in parts[0]}
 
 
-def loop_rate(config, steps: int) -> dict[str, float]:
-    """Median step_s and data_s of ``steps`` steps of the training loop on the config's own data (after 5)."""
-    with tempfile.TemporaryDirectory(prefix="fast3r_loop_") as tmp:
+def loop_rate(config, steps: int) -> dict:
+    """Median step_s and data_s of ``steps`` steps of the training loop on the config's own data (after 5),
+    and, from a profile of the whole run, the host time per step in each of the loop's ``train/*`` ranges."""
+    with tempfile.TemporaryDirectory(prefix="fast3r_loop_") as tmp, torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         train(config.replace(steps=steps, warmup=min(config.warmup, steps - 1), val_data=[], out=str(Path(tmp) / "run"),
                              log_every=1, save_every=steps))
         records = [r for r in read_metrics(Path(tmp) / "run") if r["kind"] == "train" and r["step"] > 5]
+    ranges = {e.key: e.cpu_time_total / 1e6 / steps for e in prof.key_averages() if e.key.startswith("train/")}
     return {"loop_step_s": statistics.median(r["step_s"] for r in records),
-            "loop_data_s": statistics.median(r["data_s"] for r in records), "loop_steps": float(len(records))}
+            "loop_data_s": statistics.median(r["data_s"] for r in records), "loop_steps": float(len(records)),
+            "loop_host_s_per_step": dict(sorted(ranges.items(), key=lambda kv: -kv[1]))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.loop_steps and args.model == "learning-run":
         del model, optimizer, images, gts
         phases.update(loop_rate(config.replace(compile=args.compile), args.loop_steps))
-        print(json.dumps({k: round(v, 4) for k, v in phases.items() if k.startswith("loop_")}))
+        print(json.dumps({k: v for k, v in phases.items() if k.startswith("loop_")}, indent=1))
     if args.out:
         args.out.write_text(json.dumps({
             "model": args.model, "backend": args.backend, "precision": config.precision, "compile": args.compile,

@@ -81,6 +81,9 @@ def test_profile_script_takes_the_learning_runs_step(tmp_path):
         ("learning-run", "official", 1, 4, 224)
     assert all(doc[k] > 0 for k in ("step_s", "forward_s", "backward_s", "loop_step_s"))
     assert doc["loop_steps"] == 2 and doc["loop_data_s"] >= 0  # the records after the first 5 of 7
+    host = doc["loop_host_s_per_step"]
+    assert {"train/forward", "train/backward", "train/optimizer", "train/copy"} <= set(host)
+    assert all(seconds > 0 for seconds in host.values())
 
 
 def test_validation_profile_splits_a_pass_into_its_phases(tmp_path, monkeypatch):

@@ -15,6 +15,10 @@ stays reproducible) and counted; a warning names the scene and the view files. A
 ``max_bad_batches`` such batches the run stops with the same names (``max_bad_batches: 0`` stops at
 the first). The data package masks what it knows to be invalid; reaching this means a mask is wrong.
 A sample with another number of views than ``views`` stops the run with the scene named.
+
+Each phase of a step runs in a ``torch.profiler.record_function`` range (``train/copy``, ``/check``,
+``/forward``, ``/loss``, ``/backward``, ``/clip``, ``/optimizer``): benchmarks/profile_train_step.py
+``--loop-steps`` reads them to show where the loop's host time goes.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 from torch.utils.data import DataLoader, Dataset
 
 from .. import checkpoint
@@ -172,8 +177,11 @@ def train_step(run: Run, micro_batches: list[dict], log: RunLog) -> dict[str, An
     losses, distances = [], []
     for micro, batch in enumerate(micro_batches):
         check_views(batch, batch["images"], config.views)
-        images, gts = to_model_inputs(batch, world.device)
-        if skip_bad_batch(run, batch, gts, log):
+        with record_function("train/copy"):
+            images, gts = to_model_inputs(batch, world.device)
+        with record_function("train/check"):
+            bad = skip_bad_batch(run, batch, gts, log)
+        if bad:
             run.optimizer.zero_grad(set_to_none=True)  # earlier micro-batches of this step count for nothing
             with warnings.catch_warnings():  # the schedule advances without an update, on purpose
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
@@ -184,11 +192,13 @@ def train_step(run: Run, micro_batches: list[dict], log: RunLog) -> dict[str, An
         sync = run.module.no_sync() if world.distributed and not last else contextlib.nullcontext()
         try:
             with sync:
-                with run.autocast():
+                with record_function("train/forward"), run.autocast():
                     preds = run.module(images, image_ids=image_ids(config, slots, images.shape[1]),
                                        encoder_chunk=config.encoder_chunk, head_chunk=config.head_chunk)
-                loss, details = fast3r_loss(preds, gts)
-                (loss / len(micro_batches)).backward()
+                with record_function("train/loss"):
+                    loss, details = fast3r_loss(preds, gts)
+                with record_function("train/backward"):
+                    (loss / len(micro_batches)).backward()
         except torch.cuda.OutOfMemoryError as err:
             run.optimizer.zero_grad(set_to_none=True)
             raise TrainingOutOfMemoryError(oom_message(run, images)) from err
@@ -197,7 +207,8 @@ def train_step(run: Run, micro_batches: list[dict], log: RunLog) -> dict[str, An
             1, sum(k.startswith("regr_") for k in details)))
     grad_norm = None
     if config.clip is not None:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable(run.model), config.clip))
+        with record_function("train/clip"):
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable(run.model), config.clip))
     totals = distributed.sum_over_ranks({"loss": sum(losses) / len(losses),
                                          "regr": sum(distances) / len(distances)}, world)
     loss = totals["loss"] / world.size
@@ -205,7 +216,8 @@ def train_step(run: Run, micro_batches: list[dict], log: RunLog) -> dict[str, An
         raise TrainingDivergedError(f"the loss is {loss} at step {run.step + 1} (lr {lr:.3g}): lower lr, "
                                     "raise warmup, or set clip (e.g. clip: 1.0)")
     try:
-        run.optimizer.step()  # the first step allocates AdamW's moments: 8 bytes per parameter
+        with record_function("train/optimizer"):
+            run.optimizer.step()  # the first step allocates AdamW's moments: 8 bytes per parameter
     except torch.cuda.OutOfMemoryError as err:
         raise TrainingOutOfMemoryError(oom_message(run, images)) from err
     run.scheduler.step()
