@@ -7,18 +7,19 @@ Trains ``MODEL`` (a 6 + 6 block, 256-wide Fast3R, 13M parameters) from scratch w
 on procedural scenes (``{format: synthetic}`` of fast3r.train.data: exact depth and cameras; 128 scenes for
 training, as many as a DataLoader worker keeps built, and 16 held out, 2 samples each), 4 views of
 224 x 224 per sample drawn from a run of 8 consecutive views of a scene's 24-view trajectory (so that the
-views overlap the first one, whose camera frame the pointmaps are in), 64 samples per step, AdamW 1e-3 with
+views overlap the first one, whose camera frame the pointmaps are in), 32 samples per step, AdamW 1e-3 with
 warm-up and cosine, once with ``precision: bf16-mixed`` and once with ``precision: official``, on the same
 samples in the same order. The number of steps fills ``--minutes`` per precision: a 30-step probe (official
 precision, the slower) measures the step rate with data loading, and both runs get the same step count.
 
 Why these numbers: a first run (8 views from the whole trajectory, 4 samples a step, 466 steps: 1.9k
-samples) learned the scenes' average shape and no poses. Its steps took ~0.17 s, set by the host (the
-launches of a small model), not by the GPU, so a step of 64 samples was expected to cost little more; it
-took 0.31-0.36 s on the H200, and the step's own time (the bar's views/s, 800-870, was counted over it)
-was ~0.30 s of that: the step, not the data workers, set the pace (not profiled yet:
-``profile_train_step.py --model learning-run`` does it). 24k samples in 372 steps still did not learn
-the cameras (benchmarks/NOTES.md). On the CPU a tiny model fitted to 2 scenes recovers the cameras of its training
+samples) learned the scenes' average shape and no poses; its steps (~0.17 s) were set by the host. A
+second (64 samples a step, 372 steps: 24k samples, 9.1 minutes) learned no cameras either. A third, with
+32 samples a step (2x the updates for about the same samples: 784 steps, 25k samples, 6.9 minutes), got
+the distance down 3.4-3.6x but still no cameras, and its held-out loss stopped falling half-way while the
+training loss kept going down: 128 training scenes are too few (benchmarks/NOTES.md). Its steps ran at
+~0.22 s; the same step timed alone takes ~0.15 s (``profile_train_step.py --model learning-run
+--loop-steps``). On the CPU a tiny model fitted to 2 scenes recovers the cameras of its training
 samples (RRA@15 0.75, RTA@15 1.0) but not of other samples of the same scenes: what is missing is
 training, not a working pipeline.
 
@@ -63,7 +64,7 @@ PROBE_STEPS = 30
 CHECKS = {"loss_ratio": 3.0, "pose_points": 0.20, "accuracy_ratio": 2.0}
 
 
-LR, BATCH, VIEWS, WINDOW = 1e-3, 64, 4, 8
+LR, BATCH, VIEWS, WINDOW = 1e-3, 32, 4, 8
 
 
 def config(out: Path, precision: str, steps: int, cpu: bool, lr: float = LR, batch: int = BATCH, views: int = VIEWS,
@@ -148,8 +149,8 @@ def plot(runs: dict[str, Path], identity: dict[str, float], path: Path, title: s
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--minutes", type=float, default=2.3, help="training time per precision at the probe's "
-                        "step rate (default 2.3: the H200's run with 2.7 took 9.1 minutes in all, ~3 of them for six "
-                        "validation passes of 96 samples, now of 32; its probe read 0.43 s a step, the runs 0.33 s)")
+                        "step rate (default 2.3: 6.9 minutes in all on the H200, probe 0.176 s a step, the runs "
+                        "~0.24 s with their validation)")
     parser.add_argument("--steps", type=int, help="fixed step count instead of --minutes")
     parser.add_argument("--lr", type=float, default=LR, help=f"peak learning rate (default {LR:g})")
     parser.add_argument("--batch-size", type=int, default=BATCH, help=f"samples per step on the GPU (default {BATCH})")
