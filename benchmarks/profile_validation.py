@@ -9,9 +9,10 @@ caches), then ``--samples`` samples under ``torch.profiler``. Each phase of a sa
 ahead of the host, so a range's host time would also hold the waits for earlier phases' kernels:
 ``CUDA_LAUNCH_BLOCKING=1`` (set here before CUDA starts) makes every launch wait for its kernel,
 so a range's time is what its phase costs, host and device together. That slows launch-bound
-phases somewhat; the unprofiled seconds per sample are reported beside it. On the H200 one
-held-out sample took ~0.3 s (30 s a pass of 96), against 0.7 s of forward and 2 s of nearest
-neighbours on one CPU core: this says which phase holds it. Without a GPU it profiles the CPU run.
+phases somewhat; the unprofiled seconds per sample are reported beside it. On the H200 it found
+the pointmap accuracy's nearest neighbours holding 282 of 359 ms a sample (``torch.cdist``), and
+0.137 s a sample after their fix (results/train/profile_validation_h200*.json). Without a GPU it
+profiles the CPU run.
 """
 
 from __future__ import annotations

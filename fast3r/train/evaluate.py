@@ -102,7 +102,8 @@ def _pose(cam2world: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
 
 
 def _pointmap(preds: list[dict[str, torch.Tensor]], sample: dict, index: int) -> dict[str, float]:
-    """On the predictions' device: the exact nearest neighbours of 10k points both ways take 1.7 s on one CPU core."""
+    """On the predictions' device: the exact nearest neighbours of 10k points both ways take ~1.3 s on one CPU core,
+    38 ms with the rest of this function on the H200."""
     points = torch.stack([view["pts3d_in_other_view"] for view in preds])
     conf = torch.stack([view["conf"] for view in preds])
     valid = sample["valid_mask"].bool()
