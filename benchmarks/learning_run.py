@@ -17,9 +17,9 @@ samples) learned the scenes' average shape and no poses; its steps (~0.17 s) wer
 second (64 samples a step, 372 steps: 24k samples, 9.1 minutes) learned no cameras either. A third, with
 32 samples a step (2x the updates for about the same samples: 784 steps, 25k samples, 6.9 minutes), got
 the distance down 3.4-3.6x but still no cameras, and its held-out loss stopped falling half-way while the
-training loss kept going down: 128 training scenes are too few (benchmarks/NOTES.md). Its steps ran at
-~0.22 s; the same step timed alone takes ~0.15 s (``profile_train_step.py --model learning-run
---loop-steps``). On the CPU a tiny model fitted to 2 scenes recovers the cameras of its training
+training loss kept going down: 128 training scenes are too few (benchmarks/NOTES.md). In the training
+loop a step of 64 samples took 0.248 s against 0.172 s timed alone in the same call
+(``profile_train_step.py --model learning-run --loop-steps``). On the CPU a tiny model fitted to 2 scenes recovers the cameras of its training
 samples (RRA@15 0.75, RTA@15 1.0) but not of other samples of the same scenes: what is missing is
 training, not a working pipeline.
 

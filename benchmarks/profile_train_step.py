@@ -3,8 +3,8 @@
     python benchmarks/profile_train_step.py --backend triton --views 32 --size 512 [--checkpointing none]
     python benchmarks/profile_train_step.py --model learning-run [--compile]   # the learning run's step
 
-``--model learning-run``: the learning run's small model and step (benchmarks/learning_run.py: 64
-samples of 4 views of 224 x 224, its precision and backend) on random data, to see whether that
+``--model learning-run``: the learning run's small model and step (benchmarks/learning_run.py: its
+batch of 4-view samples of 224 x 224, its precision and backend) on random data, to see whether that
 step is bound by the GPU's work or by the host's launches (compare step_s with the profiled device
 time). ``--compile``: ``Fast3R.compile()`` first (as ``compile: true`` in a training config).
 ``--loop-steps N`` (with ``--model learning-run``): then N steps of ``fast3r.train.train`` itself on the
