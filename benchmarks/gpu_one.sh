@@ -3,6 +3,10 @@
 #
 #   bash benchmarks/gpu_one.sh learn    # where the learning run's step (eager and compiled) and its validation
 #                                       # go (GPU alone), then the learning run beside the GPU tests
+#   bash benchmarks/gpu_one.sh loop     # the learning run's step inside the training loop (default, 8 workers,
+#                                       # compiled), then compiled against eager at 1000 and 1500 views
+#   bash benchmarks/gpu_one.sh compile  # tests/test_gpu_compile.py, the torch backend compiled at 1500 views, and a
+#                                       # compiled start cold then warm (Inductor's on-disk cache)
 #   bash benchmarks/gpu_one.sh profile  # where the large model's 32-view training step goes, both backends
 #   bash benchmarks/gpu_one.sh bench    # the training-step targets (bench_train.py), then GPU tests until CALL_SECONDS
 #   bash benchmarks/gpu_one.sh tests    # the whole -m gpu suite
@@ -37,6 +41,29 @@ learn)  # 8 files come back: 3 profiles, their log, the learning run's JSON, PNG
         --out "$out/learning_run_h200.json" > "$out/learning_run.log" 2>&1 &
     gpu_tests "${TEST_SECONDS:-380}"
     wait
+    ;;
+loop)  # 4 profiles and their log, the sweep's JSON and log
+    start=$SECONDS
+    for variant in "" "--workers 8" "--compile"; do
+        name=$(echo "$variant" | tr -d ' -')
+        $py benchmarks/profile_train_step.py --model learning-run --loop-steps 30 $variant --top 10 \
+            --out "$out/profile_learning_run_loop${name:+_$name}.json" >> "$out/profile_loop.log" 2>&1
+    done
+    timeout $(( ${CALL_SECONDS:-560} - (SECONDS - start) )) $py benchmarks/scale_views.py --backend triton torch \
+        --size 224 --points 1000 1500 --compile --repeats 1 --cuda-graph-max-views 0 --out-dir "$out" \
+        > "$out/compile_sweep.log" 2>&1
+    ;;
+compile)  # the tests' log; the two starts' and the 1500-view sweep's JSON and logs
+    start=$SECONDS
+    TEST_FILES=tests/test_gpu_compile.py gpu_tests "${TEST_SECONDS:-240}"
+    for start_kind in cold warm; do
+        TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_start $py benchmarks/scale_views.py --backend triton --size 224 \
+            --points 16 --compile --repeats 1 --cuda-graph-max-views 0 --out-dir "$out/start_$start_kind" \
+            > "$out/compile_start_$start_kind.log" 2>&1
+    done
+    timeout $(( ${CALL_SECONDS:-560} - (SECONDS - start) )) $py benchmarks/scale_views.py --backend torch --size 224 \
+        --points 1500 --compile --repeats 1 --cuda-graph-max-views 0 --out-dir "$out/torch_1500" \
+        > "$out/compile_torch_1500.log" 2>&1
     ;;
 profile)
     for backend in triton torch; do

@@ -4,23 +4,29 @@
     python benchmarks/learning_run.py --cpu-check           # the same code, a few steps on the CPU
 
 Trains ``MODEL`` (a 6 + 6 block, 256-wide Fast3R, 13M parameters) from scratch with ``fast3r.train.train``
-on procedural scenes (``{format: synthetic}`` of fast3r.train.data: exact depth and cameras; 128 scenes for
-training, as many as a DataLoader worker keeps built, and 16 held out, 2 samples each), 4 views of
-224 x 224 per sample drawn from a run of 8 consecutive views of a scene's 24-view trajectory (so that the
-views overlap the first one, whose camera frame the pointmaps are in), 32 samples per step, AdamW 1e-3 with
-warm-up and cosine, once with ``precision: bf16-mixed`` and once with ``precision: official``, on the same
-samples in the same order. The number of steps fills ``--minutes`` per precision: a 30-step probe (official
-precision, the slower) measures the step rate with data loading, and both runs get the same step count.
+on procedural scenes (``{format: synthetic}`` of fast3r.train.data: exact depth and cameras; 4096 scenes for
+training, 4 samples each an epoch, drawn 4 at a time (``samples_per_visit``) so that a DataLoader worker
+textures a scene once for its 4 samples; 16 scenes held out, 2 samples each), 4 views of 224 x 224 per
+sample drawn from a run of 8 consecutive views of a scene's 24-view trajectory (so that the views overlap
+the first one, whose camera frame the pointmaps are in), 32 samples per step, AdamW 1e-3 with warm-up and
+cosine, once with ``precision: bf16-mixed`` and once with ``precision: official``, on the same samples in
+the same order. The number of steps fills ``--minutes`` per precision: a 30-step probe (official
+precision, the slower; 512 scenes) measures the step rate with data loading, and both runs get the same
+step count.
 
 Why these numbers: a first run (8 views from the whole trajectory, 4 samples a step, 466 steps: 1.9k
 samples) learned the scenes' average shape and no poses; its steps (~0.17 s) were set by the host. A
 second (64 samples a step, 372 steps: 24k samples, 9.1 minutes) learned no cameras either. A third, with
-32 samples a step (2x the updates for about the same samples: 784 steps, 25k samples, 6.9 minutes), got
-the distance down 3.4-3.6x but still no cameras, and its held-out loss stopped falling half-way while the
-training loss kept going down: 128 training scenes are too few (benchmarks/NOTES.md). In the training
-loop a step of 64 samples took 0.248 s against 0.172 s timed alone in the same call
-(``profile_train_step.py --model learning-run --loop-steps``). On the CPU a tiny model fitted to 2 scenes recovers the cameras of its training
-samples (RRA@15 0.75, RTA@15 1.0) but not of other samples of the same scenes: what is missing is
+32 samples a step (2x the updates for about the same samples: 784 steps, 25k samples, 6.9 minutes) and
+128 training scenes (all a worker kept textured), got the distance down 3.4-3.6x but still no cameras, and
+its held-out loss stopped falling half-way while the training loss kept going down: 128 scenes seen ~200
+times each are learned by heart. Hence 4096, each seen ~5 times: a fourth run (654 steps) closed that gap
+(training and held-out loss 0.39 / 0.38) and still learned no cameras (RRA@15 0.14-0.16 against identity's
+0.15, RTA@15 0.01, accuracy 1.22-1.24x; the training loss stalls at ~0.45 from step 100). The step is bound
+by the host's launches:
+0.143 s timed alone for 65 ms of GPU work, 0.187 s in the loop (``profile_train_step.py --model
+learning-run --loop-steps``). On the CPU a tiny model fitted to 2 scenes recovers the cameras of its
+training samples (RRA@15 0.75, RTA@15 1.0) but not of other samples of the same scenes: what is missing is
 training, not a working pipeline.
 
 Reported per precision (``results/learning_run_<gpu>.json`` and a PNG beside it): the loss and the mean
@@ -55,7 +61,10 @@ from fast3r.train.logging import read_metrics
 
 MODEL = {"enc_dim": 256, "enc_depth": 6, "enc_heads": 4, "fusion_dim": 256, "fusion_depth": 6, "fusion_heads": 4,
          "head_feature_dim": 64, "head_layer_dims": [32, 64, 128, 256]}
-TRAIN_SCENES = [{"format": "synthetic", "scenes": 128, "seed": 0}]  # as many as a worker caches (synthetic.py)
+# 4096 scenes, 4 samples each per epoch, drawn one after another (samples_per_visit): a batch of 32 holds 8 scenes,
+# and a worker textures each of them once for its 4 samples (the texture costs ~10 views' rendering).
+SCENES, PROBE_SCENES, CPU_SCENES = 4096, 512, 64  # the probe's: enough that a worker's cache (128 textured scenes)
+# misses as in the run, at 1/8 of its cameras' layout time (~2 ms a scene on one core)
 # 2 samples a scene: the default (a scene's 24 views // 4: 6 samples a scene, 96 in all) made every validation pass
 # ~30 s on the H200, at 0.36 s a sample then (0.14 s since the nearest-neighbour fix).
 HELD_OUT = [{"format": "synthetic", "scenes": 16, "seed": 100_000, "samples": 32}]
@@ -67,13 +76,19 @@ CHECKS = {"loss_ratio": 3.0, "pose_points": 0.20, "accuracy_ratio": 2.0}
 LR, BATCH, VIEWS, WINDOW = 1e-3, 32, 4, 8
 
 
+def training_scenes(scenes: int) -> list[dict]:
+    return [{"format": "synthetic", "scenes": scenes, "seed": 0, "samples": 4 * scenes, "samples_per_visit": 4}]
+
+
 def config(out: Path, precision: str, steps: int, cpu: bool, lr: float = LR, batch: int = BATCH, views: int = VIEWS,
-           window: int | None = WINDOW, compile: bool = False) -> TrainConfig:
+           window: int | None = WINDOW, compile: bool = False, scenes: int | None = None) -> TrainConfig:
     """window: draw each sample's views from a run of this many consecutive views of a scene's trajectory
-    (smaller camera motion within a sample); None: from the whole trajectory."""
+    (smaller camera motion within a sample); None: from the whole trajectory. scenes: training scenes
+    (default SCENES on the GPU, CPU_SCENES on the CPU)."""
     within = {} if window is None else {"window": window}
+    scenes = scenes or (CPU_SCENES if cpu else SCENES)
     return TrainConfig(
-        model=MODEL, data=[{**entry, **within} for entry in TRAIN_SCENES],
+        model=MODEL, data=[{**entry, **within} for entry in training_scenes(scenes)],
         val_data=[{**entry, **within} for entry in HELD_OUT], views=views, val_views=views, size=224,
         batch_size=1 if cpu else batch, workers=2 if cpu else max(1, (os.cpu_count() or 1) - 2),
         steps=steps, lr=lr, min_lr=1e-5, warmup=max(1, min(100, steps // 10)), weight_decay=0.05, clip=1.0,
@@ -84,7 +99,7 @@ def config(out: Path, precision: str, steps: int, cpu: bool, lr: float = LR, bat
 
 def step_rate(root: Path, make) -> float:
     """Seconds per step, the wait for data included, of the slower precision (official)."""
-    probe = make(root / "probe", "official", PROBE_STEPS).replace(val_data=[])
+    probe = make(root / "probe", "official", PROBE_STEPS, scenes=PROBE_SCENES).replace(val_data=[])
     summary = train(probe)
     steps = [r for r in read_metrics(root / "probe") if r["kind"] == "train" and r["step"] > 5]
     # The median: the H200's probe averaged 0.27 s a step where the runs then took ~0.17 s (a few slow steps).
@@ -157,13 +172,14 @@ def main() -> int:
     parser.add_argument("--views", type=int, default=VIEWS, help=f"views per sample (default {VIEWS})")
     parser.add_argument("--window", type=int, default=WINDOW, help="draw a sample's views from this many consecutive "
                         f"views of its scene's 24-view trajectory (default {WINDOW}; 0: the whole trajectory)")
+    parser.add_argument("--scenes", type=int, help=f"training scenes (default {SCENES}; the CPU check {CPU_SCENES})")
     parser.add_argument("--compile", action="store_true", help="compile: true (Fast3R.compile() before the first step)")
     parser.add_argument("--cpu-check", action="store_true", help="a short run on the CPU (logic, not the result)")
     parser.add_argument("--out", type=Path, help="results JSON (default results/learning_run_<gpu>.json)")
     args = parser.parse_args()
     cpu = args.cpu_check or not torch.cuda.is_available()
     make = functools.partial(config, cpu=cpu, lr=args.lr, batch=args.batch_size, views=args.views, window=args.window or None,
-                             compile=args.compile)
+                             compile=args.compile, scenes=args.scenes)
     if cpu:
         print("CPU check: a short run to see the loss fall and the metrics move; not the GPU result", file=sys.stderr)
     started = time.perf_counter()
@@ -173,7 +189,7 @@ def main() -> int:
         root = Path(tmp)
         steps = args.steps or max(20, int(args.minutes * 60 / step_rate(root, make)))
         print(f"{steps} steps per precision", file=sys.stderr)
-        identity = identity_pose_metrics(loop.build_datasets(make(root, "official", steps))[1])
+        identity = identity_pose_metrics(loop.build_val_set(make(root, "official", steps)))
         runs, results = {}, {}
         for precision in PRECISIONS:
             runs[precision] = root / precision

@@ -10,8 +10,8 @@ time). ``--compile``: ``Fast3R.compile()`` first (as ``compile: true`` in a trai
 ``--loop-steps N`` (with ``--model learning-run``): then N steps of ``fast3r.train.train`` itself on the
 synthetic scenes, and the median ``step_s`` and ``data_s`` of its records after the first 5: what the
 training loop adds to the step timed here (host-to-device copies, checks, the DataLoader's workers); and
-the host seconds per step in each ``train/*`` range of the loop (a profile of all N steps, the first
-included), to show where that difference goes.
+the host seconds per step in each ``train/*`` range of the loop (a profile of a second run of up to 10
+steps), to show where that difference goes. ``--workers``: the loop's DataLoader workers.
 
 Phases (a warm-up step first, then each phase timed with a synchronize on both sides, median of
 --reps): the model's forward under the step's autocast, ``fast3r_loss``, the backward, AdamW. Then
@@ -84,15 +84,24 @@ def samples(count: int, views: int, hw: tuple[int, int]) -> dict:
 
 def loop_rate(config, steps: int) -> dict:
     """Median step_s and data_s of ``steps`` steps of the training loop on the config's own data (after 5),
-    and, from a profile of the whole run, the host time per step in each of the loop's ``train/*`` ranges."""
-    with tempfile.TemporaryDirectory(prefix="fast3r_loop_") as tmp, torch.profiler.profile(
-            activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        train(config.replace(steps=steps, warmup=min(config.warmup, steps - 1), val_data=[], out=str(Path(tmp) / "run"),
-                             log_every=1, save_every=steps))
-        records = [r for r in read_metrics(Path(tmp) / "run") if r["kind"] == "train" and r["step"] > 5]
-    ranges = {e.key: e.cpu_time_total / 1e6 / steps for e in prof.key_averages() if e.key.startswith("train/")}
+    then, from a profile of a second, shorter run, the host time per step in each of the loop's ``train/*``
+    ranges (the profiler slows the step, so the rate comes from the run without it)."""
+    with tempfile.TemporaryDirectory(prefix="fast3r_loop_") as tmp:
+        def run(name: str, count: int) -> list[dict]:
+            train(config.replace(steps=count, warmup=min(config.warmup, count - 1), val_data=[],
+                                 out=str(Path(tmp) / name), log_every=1, save_every=count))
+            return [r for r in read_metrics(Path(tmp) / name) if r["kind"] == "train" and r["step"] > 5]
+
+        records = run("plain", steps)
+        profiled_steps = min(steps, 10)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            profiled = run("profiled", profiled_steps)
+    ranges = {e.key: e.cpu_time_total / 1e6 / profiled_steps for e in prof.key_averages()
+              if e.key.startswith("train/")}
     return {"loop_step_s": statistics.median(r["step_s"] for r in records),
             "loop_data_s": statistics.median(r["data_s"] for r in records), "loop_steps": float(len(records)),
+            "loop_workers": float(config.workers),
+            "loop_step_s_profiled": statistics.median(r["step_s"] for r in profiled) if profiled else None,
             "loop_host_s_per_step": dict(sorted(ranges.items(), key=lambda kv: -kv[1]))}
 
 
@@ -110,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="Fast3R.compile() before the warm-up step")
     parser.add_argument("--loop-steps", type=int, default=0, help="with --model learning-run: then time this many "
                         "steps of the training loop itself (fast3r.train.train)")
+    parser.add_argument("--workers", type=int, help="with --loop-steps: DataLoader workers of the loop (default the "
+                        "learning run's: all cores but 2)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -182,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{ms:9.2f} ms {count:6d}x  {name[:140]}")
     if args.loop_steps and args.model == "learning-run":
         del model, optimizer, images, gts
-        phases.update(loop_rate(config.replace(compile=args.compile), args.loop_steps))
+        loop_config = config.replace(compile=args.compile, **({} if args.workers is None else {"workers": args.workers}))
+        phases.update(loop_rate(loop_config, args.loop_steps))
         print(json.dumps({k: v for k, v in phases.items() if k.startswith("loop_")}, indent=1))
     if args.out:
         args.out.write_text(json.dumps({

@@ -74,13 +74,14 @@ def test_profile_script_takes_the_learning_runs_step(tmp_path):
     profile = benchmark_script("profile_train_step")
     out = tmp_path / "profile.json"
     assert profile.main(["--model", "learning-run", "--precision", "official", "--reps", "1", "--top", "3",
-                         "--loop-steps", "7", "--out", str(out)]) == 0
+                         "--loop-steps", "7", "--workers", "1", "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
-    # the CPU check of learning_run.py runs 1 sample a step; the GPU's run 64
+    # the CPU check of learning_run.py runs 1 sample a step; the GPU's run 32
     assert (doc["model"], doc["precision"], doc["samples"], doc["views"], doc["size"]) == \
         ("learning-run", "official", 1, 4, 224)
     assert all(doc[k] > 0 for k in ("step_s", "forward_s", "backward_s", "loop_step_s"))
     assert doc["loop_steps"] == 2 and doc["loop_data_s"] >= 0  # the records after the first 5 of 7
+    assert doc["loop_workers"] == 1 and doc["loop_step_s_profiled"] > 0  # the profiled run's 7 steps: 2 after 5
     host = doc["loop_host_s_per_step"]
     assert {"train/forward", "train/backward", "train/optimizer", "train/copy"} <= set(host)
     assert all(seconds > 0 for seconds in host.values())

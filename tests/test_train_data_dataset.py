@@ -68,6 +68,21 @@ def test_indices_past_one_epoch_redraw_the_same_slots(dataset):
         dataset[-1]
 
 
+def test_samples_per_visit_puts_a_scenes_samples_one_after_another():
+    entry = {"format": "synthetic", "scenes": 6, "views": 8, "size": [32, 32], "samples": 24}
+    plain = build_dataset([entry], views=2, size=224, batch_size=4, seed=3)
+    grouped = build_dataset([{**entry, "samples_per_visit": 4}], views=2, size=224, batch_size=4, seed=3)
+    assert sorted(grouped.slots.tolist()) == sorted(plain.slots.tolist())  # the same slots, another order
+    runs = grouped.slots.reshape(-1, 4)
+    assert (runs == runs[:, :1]).all() and len(set(runs[:, 0].tolist())) == 6  # each batch: one scene, 4 samples
+    assert not (plain.slots.reshape(-1, 4) == plain.slots.reshape(-1, 4)[:, :1]).all()
+    # a scene's last run is shorter when its samples do not divide (5 = 2 + 2 + 1); none is lost
+    odd = build_dataset([{**entry, "samples": 30, "samples_per_visit": 2}], views=2, size=224, seed=3)
+    assert np.bincount(odd.slots).tolist() == [5] * 6
+    with pytest.raises(ValueError, match="samples_per_visit"):
+        build_dataset([{**entry, "samples_per_visit": 0}], views=2, size=224)
+
+
 def test_a_block_of_batch_size_samples_shares_one_resolution():
     data = build_dataset([SYNTHETIC | {"size": [60, 80]}], views=2, size=512, batch_size=3, seed=0)
     resolutions = [data.resolution(i) for i in range(60)]

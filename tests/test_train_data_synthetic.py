@@ -68,6 +68,20 @@ def test_same_seed_same_scene_other_seed_other_scene():
     assert np.array_equal(restored.views[3]["image"], a.views[3]["image"])
 
 
+def test_laying_out_cameras_builds_no_texture_and_the_texture_is_drawn_from_the_seed():
+    """Cameras of thousands of scenes must cost their geometry only; the atlas, built later, is the seed's."""
+    make_world.cache_clear()
+    scene = synthetic_scene(21, views=6, size=(48, 64))
+    assert "atlas" not in make_world(21).__dict__  # the cameras needed only the room and the objects
+    image = scene.views[2]["image"]
+    first = make_world(21).atlas
+    make_world.cache_clear()
+    again = make_world(21).atlas
+    assert torch.equal(first, again) and first.dtype == torch.int32
+    assert not torch.equal(first, make_world(22).atlas)
+    assert np.array_equal(synthetic_scene(21, views=6, size=(48, 64)).views[2]["image"], image)
+
+
 def test_views_have_contract_types_and_positive_depth():
     scene = synthetic_scene(1, views=3, size=(30, 40))
     view = scene.views[-1]

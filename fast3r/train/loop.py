@@ -368,9 +368,13 @@ def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset | None]:
     """The training samples (random crops, jitter) and the held-out ones (deterministic), or None without val_data."""
     train_set = build_dataset(list(config.data), views=config.views, size=config.size, batch_size=config.batch_size,
                               seed=config.seed, split="train")
-    val_set = build_dataset(list(config.val_data), views=config.val_views, size=config.size, batch_size=1,
-                            seed=config.seed, split="val") if config.val_data else None
-    return train_set, val_set
+    return train_set, build_val_set(config) if config.val_data else None
+
+
+def build_val_set(config: TrainConfig) -> Dataset:
+    """The held-out samples of ``config.val_data`` alone (deterministic crops, no jitter)."""
+    return build_dataset(list(config.val_data), views=config.val_views, size=config.size, batch_size=1,
+                         seed=config.seed, split="val")
 
 
 def build_model(config: TrainConfig, device: torch.device) -> Fast3R:

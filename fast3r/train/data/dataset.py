@@ -28,7 +28,7 @@ from .scene import DataError, Scene
 from .synthetic import synthetic_scene
 
 SPLITS = ("train", "val")
-COMMON_KEYS = ("format", "samples", "window", "aug_crop")
+COMMON_KEYS = ("format", "samples", "window", "aug_crop", "samples_per_visit")
 ENTRY_KEYS = {"colmap": (*COMMON_KEYS, "path", "scenes"), "folder": (*COMMON_KEYS, "path", "scenes"),
               "synthetic": (*COMMON_KEYS, "scenes", "seed", "views", "size")}
 SYNTHETIC_SEED_STRIDE = 100_000  # scene k of a synthetic entry with seed s is synthetic_scene(s * STRIDE + k)
@@ -45,6 +45,7 @@ class Source:
     samples: int  # slots per epoch
     window: int  # views are drawn from a random run of this many consecutive views (name order)
     aug_crop: int
+    samples_per_visit: int = 1  # the scene's slots come in runs of this many consecutive samples
 
 
 def build_dataset(entries: Sequence[dict], views: int = 20, size: int = 512, batch_size: int = 1, seed: int = 0,
@@ -57,8 +58,11 @@ def build_dataset(entries: Sequence[dict], views: int = 20, size: int = 512, bat
     (optional ``views``: per scene, default max(24, 2 * views); ``size``: (H, W) rendered, default
     224 x 224 or 384 x 512). Every entry also takes ``samples`` (slots per epoch for the whole entry,
     spread evenly over its scenes; default per scene max(1, its views // views)), ``window`` (draw a
-    sample's views from a random run of this many consecutive views; default the whole scene) and
-    ``aug_crop`` (the random zoom, default 16 in training, 0 in validation).
+    sample's views from a random run of this many consecutive views; default the whole scene),
+    ``aug_crop`` (the random zoom, default 16 in training, 0 in validation) and ``samples_per_visit``
+    (default 1: that many of a scene's samples come one after another in the order, so one DataLoader
+    worker reads or renders the scene once for all of them; for thousands of synthetic scenes, whose
+    texture costs ~10 views' rendering, at the price of fewer scenes per batch).
     size: 512 (the official aspect ratios, one per batch) or 224 (squares). batch_size: samples i
     and j with i // batch_size == j // batch_size share one resolution. split: "train" (random
     zoom, colour jitter) or "val" (no zoom, no jitter, 512 x 384 or 224 x 224).
@@ -90,8 +94,11 @@ class SceneDataset(torch.utils.data.Dataset):
                 raise ValueError(f"scene {source.scene.name}: window={source.window} is smaller than views={views}")
         self.sources, self.views, self.size, self.batch_size, self.seed, self.split = \
             list(sources), views, size, batch_size, seed, split
-        slots = np.repeat(np.arange(len(self.sources)), [s.samples for s in self.sources])
-        self.slots = np.random.default_rng([seed, SCENE_STREAM]).permutation(slots)
+        # Runs of consecutive slots of one scene (a run per slot unless an entry sets samples_per_visit), shuffled.
+        runs = [np.full(min(s.samples_per_visit, s.samples - start), k) for k, s in enumerate(self.sources)
+                for start in range(0, s.samples, s.samples_per_visit)]
+        order = np.random.default_rng([seed, SCENE_STREAM]).permutation(len(runs))
+        self.slots = np.concatenate([runs[i] for i in order])
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -187,8 +194,9 @@ def _entry_sources(entry: dict, position: int, views: int, size: int, split: str
         total = _count(entry, "samples", where, 0)
         counts = [total // len(scenes) + (k < total % len(scenes)) for k in range(len(scenes))]
     window = entry.get("window")
+    per_visit = _count(entry, "samples_per_visit", where, 1)
     return [Source(scene, count, len(scene) if window is None else min(_count(entry, "window", where, None), len(scene)),
-                   aug_crop) for scene, count in zip(scenes, counts) if count > 0]
+                   aug_crop, per_visit) for scene, count in zip(scenes, counts) if count > 0]
 
 
 def _synthetic_scenes(entry: dict, where: str, views: int, size: int) -> list[Scene]:

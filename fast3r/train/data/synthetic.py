@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 import torch
@@ -65,13 +65,24 @@ class World:
     rotations: np.ndarray  # (O, 3, 3) object-to-world
     is_sphere: np.ndarray  # (O,) bool
     lights: np.ndarray  # (2, 3) unit directions towards the two lights (weights LIGHT_WEIGHTS)
-    atlas: torch.Tensor  # (A * A,) int32, row-major texels, each the bytes R, G, B, 0 (one 4-byte gather a pixel)
+    texture: dict  # the state of the scene's generator where the texture atlas is drawn (see ``atlas``)
     tiles: np.ndarray  # (1 + O, 6, 3) int: x0, y0, side of the atlas tile of each face; row 0 is the room
     # Derived once, as float32 tensors, so that a render converts nothing per object:
     to_unit: torch.Tensor  # (O, 3, 3) world directions -> the object's frame scaled to the unit cube: R^T / halves
     face_starts: torch.Tensor  # (1 + O, 6) flat atlas index of each face tile's first texel
     face_lights: torch.Tensor  # (1 + O, 6) light term of each flat face (the room's faces look inwards)
     sphere_lights: torch.Tensor  # (O, 2, 3) light directions in each object's frame (lights @ R)
+
+    @cached_property
+    def atlas(self) -> torch.Tensor:
+        """(A * A,) int32, row-major texels, each the bytes R, G, B, 0 (one 4-byte gather a pixel).
+
+        Built on the first render, not with the world: it is 97% of a world's cost (~0.05 s), and the
+        cameras need only the geometry, so a dataset of thousands of scenes lays out its cameras in
+        seconds and each worker textures only the scenes it renders."""
+        rng = np.random.default_rng()
+        rng.bit_generator.state = self.texture
+        return _atlas(rng)
 
     @property
     def reach(self) -> np.ndarray:
@@ -118,11 +129,11 @@ class SyntheticReader:
         return frame.image, frame.depth
 
 
-# 128 worlds ~ 540 MB per process, mostly atlases: a training set of up to 128 scenes stays cached in every
-# DataLoader worker (a miss costs 0.05 s, five views' rendering).
+# 128 textured worlds ~ 540 MB per process, mostly atlases: a training set of up to 128 scenes stays cached in
+# every DataLoader worker (a miss costs 0.05 s, five views' rendering, once the world is rendered).
 @lru_cache(maxsize=128)
 def make_world(seed: int) -> World:
-    """Room, objects and texture atlas of scene ``seed`` (~0.05 s, mostly the atlas; cached: a scene renders many views)."""
+    """Room, objects and lights of scene ``seed`` (~1 ms; the texture atlas follows on the first render)."""
     rng = np.random.default_rng([seed, 0])
     half = rng.uniform(*ROOM_HALF, size=2)
     room_lo, room_hi = np.array([-half[0], -half[1], 0.0]), np.array([half[0], half[1], rng.uniform(*ROOM_HEIGHT)])
@@ -143,7 +154,7 @@ def make_world(seed: int) -> World:
     normals = np.r_[-FACE_NORMALS[None], np.einsum("oij,fj->ofi", rotations, FACE_NORMALS)]  # (1 + O, 6, 3) world
     face_lights = AMBIENT + np.clip(normals @ lights.T, 0, None) @ np.array(LIGHT_WEIGHTS)
     return World(room_lo, room_hi, centres, halves, rotations, np.arange(n_spheres + n_boxes) < n_spheres, lights,
-                 _atlas(rng), tiles, _f32(rotations.transpose(0, 2, 1) / halves[:, :, None]),
+                 rng.bit_generator.state, tiles, _f32(rotations.transpose(0, 2, 1) / halves[:, :, None]),
                  _f32(tiles[..., 1] * ATLAS_TILES * TILE + tiles[..., 0]), _f32(face_lights), _f32(lights @ rotations))
 
 
