@@ -20,7 +20,7 @@ from fast3r.layers import InPlace
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ("pts3d_in_other_view", "conf", "pts3d_local", "conf_local")
-RAGGED_TOLERANCE = 1e-5  # fp32, max |lean - fast| / max |fast| where chunks end off a 16-row multiple
+RAGGED_TOLERANCE = 1e-5  # fp32, max |lean - fast| / max |fast| where the BLAS rounds a chunk's rows otherwise
 GIB = 2**30
 LARGE_WEIGHTS = 647_551_368 * 2  # bytes of the large preset in bf16
 
@@ -92,8 +92,13 @@ def test_lean_with_ragged_chunks_stays_within_fp32_rounding(small_chunks):
             assert err <= RAGGED_TOLERANCE, f"view {i} {key}: {err:.2e}"
 
 
-def test_lean_fusion_on_the_triton_kernels_is_bit_for_bit():
-    """The fusion stage alone on the triton backend (interpreter): chunked queries hit the same kernel tiles."""
+def test_lean_fusion_on_the_triton_kernels_matches_fast():
+    """The fusion stage alone on the triton backend (interpreter), queries and MLP in chunks of 16 rows.
+
+    Within fp32 rounding, not bit for bit: the block's products go to the CPU's BLAS and the interpreter's
+    tl.dot to numpy's, whose rounding may depend on the row count and on where a tile starts. On an AMD
+    EPYC host both do (1 ulp from the first block on; a chunk of queries that starts at row 16 differs from
+    rows 16-31 of the whole by 3e-7), where an earlier host gave equal bits and this test asserted them."""
     model = Fast3R("tiny", backend="triton").eval()
     tokens = torch.randn(1, 48, 128)
     ids = torch.arange(12)[None]
@@ -102,7 +107,8 @@ def test_lean_fusion_on_the_triton_kernels_is_bit_for_bit():
         lean = model.decoder(tokens.clone(), [4] * 12, ids, None, InPlace(queries=16, mlp=16))
     assert len(lean) == 4
     for i, (f, g) in enumerate(zip(fast, lean)):
-        assert torch.equal(f, g), f"hook layer {i}"
+        err = ((f - g).abs().max() / f.abs().max()).item()
+        assert err <= RAGGED_TOLERANCE, f"hook layer {i}: {err:.2e}"
 
 
 # ------------------------------------------------------------------------------- what goes where
