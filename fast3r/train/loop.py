@@ -176,7 +176,6 @@ def train_step(run: Run, micro_batches: list[dict], log: RunLog) -> dict[str, An
         torch.cuda.reset_peak_memory_stats(world.device)
     losses, distances = [], []
     for micro, batch in enumerate(micro_batches):
-        check_views(batch, config.views)
         with record_function("train/copy"):
             images, gts = to_model_inputs(batch, world.device)
         with record_function("train/check"):
@@ -271,13 +270,6 @@ def nonfinite_ground_truth(batch: dict, gts: list[dict[str, torch.Tensor]]) -> l
                  for k, what in enumerate(("points at valid pixels", "camera_pose")) if flags[b, :, k].any()]
         out.append(f"scene {batch['scene'][b]}: " + " and ".join(parts))
     return out
-
-
-def check_views(batch: dict, views: int) -> None:
-    found = batch["images"].shape[1]
-    if found != views:
-        raise DataError(f"a training sample of scene {batch['scene'][0]} has {found} views, but the config "
-                        f"asks for views={views}: lower views, or use scenes with at least {views} images")
 
 
 def oom_message(run: Run, images: torch.Tensor) -> str:
