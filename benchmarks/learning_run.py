@@ -23,9 +23,8 @@ its held-out loss stopped falling half-way while the training loss kept going do
 times each are learned by heart. Hence 4096, each seen ~5 times: a fourth run (654 steps) closed that gap
 (training and held-out loss 0.39 / 0.38) and still learned no cameras (RRA@15 0.14-0.16 against identity's
 0.15, RTA@15 0.01, accuracy 1.22-1.24x; the training loss stalls at ~0.45 from step 100). The step is bound
-by the host's launches:
-0.143 s timed alone for 65 ms of GPU work, 0.187 s in the loop (``profile_train_step.py --model
-learning-run --loop-steps``). On the CPU a tiny model fitted to 2 scenes recovers the cameras of its
+by the host's launches: 0.143 s timed alone for 65 ms of GPU work, 0.187 s in the loop
+(``profile_train_step.py --model learning-run --loop-steps``). On the CPU a tiny model fitted to 2 scenes recovers the cameras of its
 training samples (RRA@15 0.75, RTA@15 1.0) but not of other samples of the same scenes: what is missing is
 training, not a working pipeline.
 
@@ -63,6 +62,7 @@ MODEL = {"enc_dim": 256, "enc_depth": 6, "enc_heads": 4, "fusion_dim": 256, "fus
          "head_feature_dim": 64, "head_layer_dims": [32, 64, 128, 256]}
 # 4096 scenes, 4 samples each per epoch, drawn one after another (samples_per_visit): a batch of 32 holds 8 scenes,
 # and a worker textures each of them once for its 4 samples (the texture costs ~10 views' rendering).
+SAMPLES_PER_SCENE = 4  # an epoch's samples of a scene, read in one visit
 SCENES, PROBE_SCENES, CPU_SCENES = 4096, 512, 64  # the probe's: enough that a worker's cache (128 textured scenes)
 # misses as in the run, at 1/8 of its cameras' layout time (~2 ms a scene on one core)
 # 2 samples a scene: the default (a scene's 24 views // 4: 6 samples a scene, 96 in all) made every validation pass
@@ -77,7 +77,8 @@ LR, BATCH, VIEWS, WINDOW = 1e-3, 32, 4, 8
 
 
 def training_scenes(scenes: int) -> list[dict]:
-    return [{"format": "synthetic", "scenes": scenes, "seed": 0, "samples": 4 * scenes, "samples_per_visit": 4}]
+    return [{"format": "synthetic", "scenes": scenes, "seed": 0, "samples": SAMPLES_PER_SCENE * scenes,
+             "samples_per_visit": SAMPLES_PER_SCENE}]
 
 
 def config(out: Path, precision: str, steps: int, cpu: bool, lr: float = LR, batch: int = BATCH, views: int = VIEWS,

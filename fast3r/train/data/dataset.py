@@ -94,11 +94,17 @@ class SceneDataset(torch.utils.data.Dataset):
                 raise ValueError(f"scene {source.scene.name}: window={source.window} is smaller than views={views}")
         self.sources, self.views, self.size, self.batch_size, self.seed, self.split = \
             list(sources), views, size, batch_size, seed, split
-        # Runs of consecutive slots of one scene (a run per slot unless an entry sets samples_per_visit), shuffled.
-        runs = [np.full(min(s.samples_per_visit, s.samples - start), k) for k, s in enumerate(self.sources)
-                for start in range(0, s.samples, s.samples_per_visit)]
-        order = np.random.default_rng([seed, SCENE_STREAM]).permutation(len(runs))
-        self.slots = np.concatenate([runs[i] for i in order])
+        # Runs of consecutive slots of one scene (a run per slot unless an entry sets samples_per_visit), shuffled
+        # as runs; vectorized, since a synthetic entry may hold ~600k slots.
+        counts = [s.samples for s in self.sources]
+        scene = np.repeat(np.arange(len(self.sources)), counts)
+        within = np.arange(len(scene)) - np.repeat(np.cumsum([0, *counts[:-1]]), counts)
+        visit = within // np.repeat([s.samples_per_visit for s in self.sources], counts)
+        run = np.cumsum(np.r_[True, (scene[1:] != scene[:-1]) | (visit[1:] != visit[:-1])]) - 1
+        order = np.random.default_rng([seed, SCENE_STREAM]).permutation(run[-1] + 1)
+        position = np.empty_like(order)
+        position[order] = np.arange(len(order))  # where each run lands in the shuffled order
+        self.slots = scene[np.argsort(position[run], kind="stable")]
 
     def __len__(self) -> int:
         return len(self.slots)
