@@ -98,3 +98,43 @@ def test_validation_profile_splits_a_pass_into_its_phases(tmp_path, monkeypatch)
     assert set(phases) == set(profile.PHASES) and all(ms > 0 for ms in phases.values())
     # the phases are the sample's work: together within the profiled pass, and most of it
     assert 0.5 * doc["profiled_s_per_sample"] <= sum(phases.values()) / 1e3 <= doc["profiled_s_per_sample"]
+
+
+def test_learning_sweep_runs_each_variant_on_the_same_scenes(tmp_path, monkeypatch):
+    learning_run = benchmark_script("learning_run")
+    monkeypatch.setitem(__import__("sys").modules, "learning_run", learning_run)
+    monkeypatch.setattr(learning_run, "CPU_SCENES", 3)
+    monkeypatch.setattr(learning_run, "HELD_OUT", [{"format": "synthetic", "scenes": 1, "seed": 100_000, "samples": 1}])
+    sweep = benchmark_script("learning_sweep")
+    out = tmp_path / "sweep.json"
+    assert sweep.main(["--cpu", "--steps", "3", "--variants", "baseline", "jitter per sample", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert list(doc["variants"]) == ["baseline", "jitter per sample"]
+    baseline, jittered = doc["variants"].values()
+    assert jittered["entry_changes"] == {"jitter": "sample"} and baseline["entry_changes"] == {}
+    for result in (baseline, jittered):
+        assert [r["step"] for r in result["curve"]] == [1, 2, 3]
+        assert [v["step"] for v in result["validations"]] == [0, 3]  # before training and at the end
+        assert result["identity_poses"] == baseline["identity_poses"]  # the same held-out scenes
+        assert set(result["checks"]) >= {"loss_down_3x", "accuracy_2x_untrained"}
+    # the same first batch (same seed, same scenes), coloured differently: the first losses differ
+    assert baseline["curve"][0]["loss"] != jittered["curve"][0]["loss"]
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_compiled_forward_profile_swaps_the_named_ops_only():
+    profile = benchmark_script("profile_compiled_forward")
+    from fast3r import Fast3R
+    from fast3r.backends import TORCH, TRITON, Ops
+
+    weights = Fast3R("tiny").state_dict()
+    plain = profile.build("triton", None, (), weights, preset="tiny", device="cpu", dtype=torch.float32)
+    swapped = profile.build("triton", None, ("upsample",), weights, preset="tiny", device="cpu", dtype=torch.float32)
+    holders = [m for m in swapped.modules() if isinstance(getattr(m, "ops", None), Ops)]
+    assert holders and all(m.ops.upsample is TORCH.upsample and m.ops.layer_norm is TRITON.layer_norm for m in holders)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        for a, b in zip(plain(images), swapped(images)):
+            torch.testing.assert_close(b["pts3d_in_other_view"], a["pts3d_in_other_view"], rtol=1e-4, atol=1e-5)
+    assert profile.family("void cudnn_generated_fort_native_sdpa_sm90_flash_fprop") == "attention"
+    assert profile.family("triton_poi_fused_add_0") == "other"

@@ -6,7 +6,8 @@ import torch
 
 import fast3r
 from fast3r.train.data import DataError, build_dataset, collate, save_scene, synthetic_scene, to_model_inputs
-from fast3r.train.data.sampling import RESOLUTIONS, crop_view
+from fast3r.train.data.dataset import SAMPLE_STREAM
+from fast3r.train.data.sampling import RESOLUTIONS, color_jitter, crop_view
 
 VIEWS = 3
 SYNTHETIC = {"format": "synthetic", "scenes": 3, "seed": 1}
@@ -81,6 +82,27 @@ def test_samples_per_visit_puts_a_scenes_samples_one_after_another():
     assert np.bincount(odd.slots).tolist() == [5] * 6
     with pytest.raises(ValueError, match="samples_per_visit"):
         build_dataset([{**entry, "samples_per_visit": 0}], views=2, size=224)
+
+
+def test_jitter_none_keeps_the_colours_and_sample_gives_every_view_one_jitter():
+    entry = {"format": "synthetic", "scenes": 2, "seed": 4, "views": 8, "size": [40, 48], "aug_crop": 0}
+    index, views = 3, 3
+    none = build_dataset([{**entry, "jitter": "none"}], views=views, size=224, seed=2)[index]
+    shared = build_dataset([{**entry, "jitter": "sample"}], views=views, size=224, seed=2)[index]
+    per_view = build_dataset([entry], views=views, size=224, seed=2)[index]
+    scene = synthetic_scene(int(none["scene"].split("-")[1]), views=8, size=(40, 48))
+    plain = [crop_view(scene.views[int(name[:5])], (224, 224), None)["image"] for name in none["names"]]
+    for v in range(views):
+        assert torch.equal(none["images"][v], torch.from_numpy(plain[v].copy()).permute(2, 0, 1))
+    # "sample": the sample's generator draws the views, then one seed whose jitter every view gets
+    rng = np.random.default_rng([2, SAMPLE_STREAM, index])
+    rng.integers(0, 1), rng.choice(8, views, replace=False)
+    seed = int(rng.integers(2**63))
+    for v in range(views):
+        expected = color_jitter(plain[v], np.random.default_rng(seed))
+        assert torch.equal(shared["images"][v], torch.from_numpy(expected.copy()).permute(2, 0, 1))
+    assert shared["names"] == none["names"] == per_view["names"]  # the jitter changes colours, not the views
+    assert not torch.equal(per_view["images"], shared["images"])
 
 
 def test_a_block_of_batch_size_samples_shares_one_resolution():
@@ -179,6 +201,7 @@ def test_file_entries_glob_scenes_and_count_samples(tmp_path):
     ({"format": "synthetic", "scenes": 0}, ValueError, "'scenes' must be an integer >= 1"),
     ({"format": "synthetic", "scenes": 2, "views": 2}, DataError, "has 2 views, fewer than the 3"),
     ({"format": "synthetic", "scenes": 2, "size": [10]}, ValueError, r"'size' must be \[H, W\]"),
+    ({"format": "synthetic", "scenes": 2, "jitter": "views"}, ValueError, "'jitter' must be one of 'view', 'sample'"),
     ({"format": "folder"}, ValueError, "needs 'path'"),
     ({"format": "folder", "path": "/nonexistent/x"}, DataError, "is not a directory"),
 ])

@@ -28,7 +28,10 @@ from .scene import DataError, Scene
 from .synthetic import synthetic_scene
 
 SPLITS = ("train", "val")
-COMMON_KEYS = ("format", "samples", "window", "aug_crop", "samples_per_visit")
+COMMON_KEYS = ("format", "samples", "window", "aug_crop", "samples_per_visit", "jitter")
+# view: every view of a sample its own colour jitter (the official training); sample: one jitter for all the views
+# of a sample (their colours still match each other); none: no jitter.
+JITTERS = ("view", "sample", "none")
 ENTRY_KEYS = {"colmap": (*COMMON_KEYS, "path", "scenes"), "folder": (*COMMON_KEYS, "path", "scenes"),
               "synthetic": (*COMMON_KEYS, "scenes", "seed", "views", "size")}
 SYNTHETIC_SEED_STRIDE = 100_000  # scene k of a synthetic entry with seed s is synthetic_scene(s * STRIDE + k)
@@ -46,6 +49,7 @@ class Source:
     window: int  # views are drawn from a random run of this many consecutive views (name order)
     aug_crop: int
     samples_per_visit: int = 1  # the scene's slots come in runs of this many consecutive samples
+    jitter: str = "view"  # one of JITTERS
 
 
 def build_dataset(entries: Sequence[dict], views: int = 20, size: int = 512, batch_size: int = 1, seed: int = 0,
@@ -59,10 +63,12 @@ def build_dataset(entries: Sequence[dict], views: int = 20, size: int = 512, bat
     224 x 224 or 384 x 512). Every entry also takes ``samples`` (slots per epoch for the whole entry,
     spread evenly over its scenes; default per scene max(1, its views // views)), ``window`` (draw a
     sample's views from a random run of this many consecutive views; default the whole scene),
-    ``aug_crop`` (the random zoom, default 16 in training, 0 in validation) and ``samples_per_visit``
+    ``aug_crop`` (the random zoom, default 16 in training, 0 in validation), ``samples_per_visit``
     (default 1: that many of a scene's samples come one after another in the order, so one DataLoader
     worker reads or renders the scene once for all of them; for thousands of synthetic scenes, whose
-    texture costs ~10 views' rendering, at the price of fewer scenes per batch).
+    texture costs ~10 views' rendering, at the price of fewer scenes per batch) and ``jitter``
+    (training's colour jitter: "view", the default and the official, draws one per view; "sample" one
+    per sample, shared by its views, so that their colours still match; "none").
     size: 512 (the official aspect ratios, one per batch) or 224 (squares). batch_size: samples i
     and j with i // batch_size == j // batch_size share one resolution. split: "train" (random
     zoom, colour jitter) or "val" (no zoom, no jitter, 512 x 384 or 224 x 224).
@@ -126,8 +132,10 @@ class SceneDataset(torch.utils.data.Dataset):
         start = int(rng.integers(0, len(source.scene) - source.window + 1))
         picks = start + rng.choice(source.window, self.views, replace=False)
         train = self.split == "train"
+        shared = int(rng.integers(2**63)) if train and source.jitter == "sample" else None
         crops = [crop_view(source.scene.view(int(j)), self.resolution(index), rng if train else None,
-                           aug_crop=source.aug_crop) for j in picks]
+                           aug_crop=source.aug_crop, jitter=source.jitter != "none",
+                           jitter_rng=None if shared is None else np.random.default_rng(shared)) for j in picks]
         return assemble(crops, source.scene.name)
 
 
@@ -201,8 +209,11 @@ def _entry_sources(entry: dict, position: int, views: int, size: int, split: str
         counts = [total // len(scenes) + (k < total % len(scenes)) for k in range(len(scenes))]
     window = entry.get("window")
     per_visit = _count(entry, "samples_per_visit", where, 1)
+    jitter = entry.get("jitter", "view")
+    if jitter not in JITTERS:
+        raise ValueError(f"{where}: 'jitter' must be one of {', '.join(map(repr, JITTERS))}, got {jitter!r}")
     return [Source(scene, count, len(scene) if window is None else min(_count(entry, "window", where, None), len(scene)),
-                   aug_crop, per_visit) for scene, count in zip(scenes, counts) if count > 0]
+                   aug_crop, per_visit, jitter) for scene, count in zip(scenes, counts) if count > 0]
 
 
 def _synthetic_scenes(entry: dict, where: str, views: int, size: int) -> list[Scene]:

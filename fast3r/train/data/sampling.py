@@ -53,11 +53,13 @@ class CropBox:
 
 
 def crop_view(view: dict, resolution: tuple[int, int], rng: np.random.Generator | None, *,
-              aug_crop: int = AUG_CROP, jitter: bool = True) -> dict:
+              aug_crop: int = AUG_CROP, jitter: bool = True, jitter_rng: np.random.Generator | None = None) -> dict:
     """The crop of ``view`` at ``resolution`` (W, H): image, depth, intrinsics, cam2world, masked, box.
 
-    rng None: validation (no zoom, no jitter). masked: the crop's pixels whose depth was NaN, inf
-    or negative in the file (they are invalid, like depth 0, and counted so the log shows bad data).
+    rng None: validation (no zoom, no jitter). jitter_rng: the colour jitter draws from it instead of
+    ``rng`` (the views of a sample then share one jitter when each gets a generator of the same seed).
+    masked: the crop's pixels whose depth was NaN, inf or negative in the file (they are invalid, like
+    depth 0, and counted so the log shows bad data).
     """
     image, depth = np.asarray(view["image"]), np.asarray(view["depth"], dtype=np.float32)
     k, pose = np.asarray(view["intrinsics"], dtype=np.float64), np.asarray(view["cam2world"], dtype=np.float64)
@@ -68,7 +70,7 @@ def crop_view(view: dict, resolution: tuple[int, int], rng: np.random.Generator 
     box = crop_box(k, image.shape[:2], resolution, extra, where=view["name"])
     pixels = resample_image(image, box)
     if rng is not None and jitter:
-        pixels = color_jitter(pixels, rng)
+        pixels = color_jitter(pixels, rng if jitter_rng is None else jitter_rng)
     cropped = resample_depth(depth, box)
     bad = ~np.isfinite(cropped) | (cropped < 0)
     return {"image": pixels, "depth": np.where(bad, 0, cropped).astype(np.float32), "intrinsics": crop_intrinsics(k, box),
