@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from learning_run import config, summarize
+from timing import gpu_name
 
 from fast3r.train import loop, train
 from fast3r.train.evaluate import identity_pose_metrics
@@ -49,11 +50,12 @@ def run_variant(root: Path, name: str, steps: int, cpu: bool, scenes: int, val_e
     run = base.replace(data=[{**entry, **entry_changes} for entry in base.data], val_every=val_every or steps)
     identity = identity_pose_metrics(loop.build_val_set(run))
     summary = train(run)
-    records = [r for r in read_metrics(Path(run.out)) if r["kind"] == "train" and r["loss"] is not None]
+    records = read_metrics(Path(run.out))
     return {"arguments": arguments, "entry_changes": entry_changes, "seconds": summary["seconds"],
-            "curve": [{"step": r["step"], "loss": r["loss"], "regr": r["regr"]} for r in records],
+            "curve": [{"step": r["step"], "loss": r["loss"], "regr": r["regr"]} for r in records
+                      if r["kind"] == "train" and r["loss"] is not None],
             "validations": [{k: r[k] for k in ("step", "loss", "RRA@15", "RTA@15", "mAA@30", "accuracy")}
-                            for r in read_metrics(Path(run.out)) if r["kind"] == "val"],
+                            for r in records if r["kind"] == "val"],
             **summarize(Path(run.out), identity)}
 
 
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="results JSON (default results/train/learning_sweep_<gpu>.json)")
     args = parser.parse_args(argv)
     cpu = args.cpu or not torch.cuda.is_available()
-    name = "cpu" if cpu else torch.cuda.get_device_name().split()[-1].lower()
+    name = "cpu" if cpu else gpu_name()
     out = args.out or Path(__file__).resolve().parent / "results" / "train" / f"learning_sweep_{name}.json"
     started, results = time.perf_counter(), {}
     with tempfile.TemporaryDirectory(prefix="fast3r_sweep_") as tmp:

@@ -4,8 +4,8 @@
 
 The large model (random weights, bf16, eval, ``torch.inference_mode``) on ``--views`` views of 224 x 224,
 as ``scale_views.py`` runs it, in these variants: eager and ``Fast3R.compile()`` on both backends, and the
-compiled triton backend with some of its ops swapped for the torch backend's (``--swap``: which op
-Inductor does better with than with our custom op). Per variant: the median wall time of ``--reps``
+compiled triton backend with some of its ops swapped for the torch backend's (which op Inductor does
+better with than with our custom op). Per variant: the median wall time of ``--reps``
 forwards (synchronized; after ``--warm-views``, as a sweep runs them), then one forward under ``torch.profiler``: the device time (the sum of its
 kernels), the kernel count, the device time per kernel family (profile_train_step.FAMILIES) and the top
 kernels. Wall time well above device time means the host's launches bound it; device time above eager's
@@ -27,6 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from profile_train_step import family
+
 from fast3r import Fast3R
 from fast3r.backends import TORCH, Ops
 
@@ -41,13 +43,6 @@ VARIANTS = {
     "torch compiled": ("torch", {}, ()),
     "torch compiled, dynamic=False": ("torch", {"dynamic": False}, ()),
 }
-
-
-def family(name: str) -> str:
-    from profile_train_step import FAMILIES
-
-    lowered = name.lower()
-    return next((f for f, keys in FAMILIES.items() if any(k in lowered for k in keys)), "other")
 
 
 def build(backend: str, compiled: dict | None, swapped: tuple[str, ...], weights: dict, preset: str = "large",
@@ -82,18 +77,17 @@ def measure(model: Fast3R, images: torch.Tensor, reps: int, warm_views: list[int
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             model(images)
             torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    by_name: dict[str, list[float]] = {}
-    for e in kernels:
-        by_name.setdefault(e.name, []).append(e.device_time_total / 1e3)
+    kernels = sorted(((e.key, e.device_time_total / 1e3, e.count) for e in prof.key_averages()
+                      if e.device_time_total > 0 and e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda k: -k[1])
     families: dict[str, float] = {}
-    for name, times in by_name.items():
-        families[family(name)] = families.get(family(name), 0.0) + sum(times)
-    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:12]
+    for name, ms, _ in kernels:
+        families[family(name)] = families.get(family(name), 0.0) + ms
     return {"first_calls_s": first, "median_ms": 1e3 * statistics.median(seconds),
             "all_ms": [round(1e3 * s, 3) for s in seconds], "device_ms": sum(families.values()),
-            "kernels": len(kernels), "device_ms_by_family": dict(sorted(families.items(), key=lambda kv: -kv[1])),
-            "top_kernels": [{"name": n[:120], "calls": len(t), "ms": sum(t)} for n, t in top]}
+            "kernels": sum(count for _, _, count in kernels),
+            "device_ms_by_family": dict(sorted(families.items(), key=lambda kv: -kv[1])),
+            "top_kernels": [{"name": n[:120], "calls": count, "ms": ms} for n, ms, count in kernels[:12]]}
 
 
 def main(argv: list[str] | None = None) -> int:
