@@ -201,8 +201,20 @@ def reference_upsample_backward(dy: torch.Tensor, size_in: tuple[int, int]) -> t
 
 
 # ------------------------------------------------------------------ the ops
+# Under torch.compile the ops' bodies are traced into the graph (triton_op); with symbolic sizes they trace ATen's
+# bilinear instead of the kernel. Inductor drops its channels-last layout for convolutions whose sizes are symbolic
+# (pytorch issue 102670), so a DPT head hands this kernel NCHW maps there, where it ran 3.7x slower than Inductor's
+# own bilinear (H200, 32 views: 2.96 vs 0.80 ms; benchmarks/NOTES.md). The sizes decide, not the strides: when the
+# body is traced, the tensors still carry eager's layout. The backward then takes the matrix-product reference
+# (ATen's has no symbolic meta kernel; training compiles with static sizes anyway).
+def _symbolic(t: torch.Tensor) -> bool:
+    return any(isinstance(n, torch.SymInt) for n in t.shape)
+
+
 @triton_op("fast3r::upsample_bilinear", mutates_args=())
 def upsample_op(x: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
+    if _symbolic(x):
+        return torch.ops.aten.upsample_bilinear2d.default(x, [out_h, out_w], True)
     if not runs_kernels(x):
         return reference_upsample(x, (out_h, out_w))
     with device_guard(x.device):
@@ -211,7 +223,7 @@ def upsample_op(x: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
 
 @triton_op("fast3r::upsample_bilinear_backward", mutates_args=())
 def upsample_backward_op(dy: torch.Tensor, in_h: int, in_w: int) -> torch.Tensor:
-    if not runs_kernels(dy):
+    if _symbolic(dy) or not runs_kernels(dy):  # ATen's backward has no symbolic meta; rare: training compiles static
         return reference_upsample_backward(dy, (in_h, in_w))
     with device_guard(dy.device):
         return upsample_backward(dy, (in_h, in_w))

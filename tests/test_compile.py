@@ -72,6 +72,39 @@ def test_ops_pass_torch_library_opcheck(case):
     torch.library.opcheck(op, args, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_the_upsampling_op_traces_atens_bilinear_under_symbolic_sizes(dynamic):
+    """With symbolic sizes Inductor runs the heads NCHW, where our kernel was 3.7x slower than its own bilinear on
+    the H200 (benchmarks/NOTES.md): the op's traced forward must then be ATen's upsample, and with static sizes
+    not (on a GPU the kernel, here its matrix-product reference); the backward is the reference either way on a
+    CPU. Read from the graphs that AOTAutograd hands the compiler (what Inductor lowers), values and gradients
+    checked."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from fast3r_kernels import upsample_bilinear
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm.code)
+        return make_boxed_func(gm.forward)
+
+    coarse = torch.randn(3, 5, 6, 7, requires_grad=True)
+    compiled = torch.compile(lambda x: upsample_bilinear(x, 2.0), backend=aot_autograd(fw_compiler=record,
+                             bw_compiler=record), dynamic=dynamic, fullgraph=True)
+    out = compiled(coarse)
+    grad = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, coarse, grad)
+    reference = coarse.detach().requires_grad_()
+    expected = torch.nn.functional.interpolate(reference, scale_factor=2.0, mode="bilinear", align_corners=True)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, torch.autograd.grad(expected, reference, grad)[0], rtol=1e-5, atol=1e-5)
+    forward, backward = graphs
+    assert ("aten.upsample_bilinear2d.default" in forward) == dynamic, forward
+    assert "upsample_bilinear2d" not in backward and "aten.mm" in backward, backward
+
+
 # ---------------------------------------------------------------------------------------- the model
 def test_regional_compile_matches_eager_and_a_new_view_count_recompiles_once():
     model = Fast3R("tiny", backend="triton").eval()
