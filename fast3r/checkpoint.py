@@ -240,7 +240,11 @@ def _alias_groups(model: nn.Module) -> list[list[str]]:
 
 
 def save(model: nn.Module, config: Fast3RConfig, directory: str | os.PathLike) -> Path:
-    """Write config.json + model.safetensors; each file is staged beside the target and moved in whole."""
+    """Write config.json + model.safetensors; each file is staged beside the target and moved in whole.
+
+    Plus ``fast3r_config.yaml`` where config.json cannot say it all (other head widths, fusion positions), which
+    ``Fast3R.from_pretrained`` prefers; a stale one from an earlier save is removed.
+    """
     target = Path(directory)
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a directory")
@@ -250,9 +254,19 @@ def save(model: nn.Module, config: Fast3RConfig, directory: str | os.PathLike) -
         with open(staging / CONFIG_NAME, "w") as f:
             json.dump(config.to_official_args(), f, indent=2)
         save_model(model, str(staging / SAFETENSORS_NAME), metadata={"format": "pt"})
+        names = [CONFIG_NAME, SAFETENSORS_NAME]
+        if not official_form_describes(config):
+            config.to_yaml(staging / ARCHITECTURE_NAME)
+            names.append(ARCHITECTURE_NAME)
         target.mkdir(exist_ok=True)
-        for name in (CONFIG_NAME, SAFETENSORS_NAME):
+        (target / ARCHITECTURE_NAME).unlink(missing_ok=True)
+        for name in names:
             os.replace(staging / name, target / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def official_form_describes(config: Fast3RConfig) -> bool:
+    """Whether config.json alone rebuilds this architecture (the official format fixes the heads' widths)."""
+    return Fast3RConfig.from_official_args(**config.to_official_args()) == config

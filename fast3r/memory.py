@@ -121,7 +121,7 @@ def plan_bytes(cfg: Fast3RConfig, mode: str, work: Workload, chunks: InPlace | N
 
     encoder: the tokens of every view plus one encoder chunk; fusion: the token buffers of the last
     block (fast: 3 hooks + x, norm1(x), qkv, attention output, projection; lean: x, K, V) plus the
-    chunk transients and the image-index embedding; heads: what stays on the device (fast: 4 hooks) plus one head chunk's working
+    chunk transients (the image-index embedding is freed once added); heads: what stays on the device (fast: 4 hooks) plus one head chunk's working
     memory, its hooks (lean, twice: one chunk in flight) and the outputs kept on the device.
     ``chunks`` (lean): defaults to ``lean_chunks`` on the CPU (64k queries, 16k-token MLP bands).
     """
@@ -137,18 +137,17 @@ def plan_bytes(cfg: Fast3RConfig, mode: str, work: Workload, chunks: InPlace | N
     head_chunk = min(MAX_HEAD_CHUNK, work.views, max(1, CHUNK_MEMORY_BUDGET // per_view_head))
     outputs = work.batch * work.views * work.view_pixels * 32 if work.outputs_on_device else 0  # 2 heads x 4 fp32
     head_tokens = head_chunk * work.view_tokens * work.batch * (cfg.enc_dim + 3 * d) * e
-    index_embedding = work.batch * work.views * d * 4  # fp32, alive through the fusion
     if mode == "fast":
         band = min(work.tokens * work.batch, layers.MLP_TOKEN_CHUNK)
         mlp = 5 * token_buffer + band * (d + 2 * hidden) * e  # norm2 out, fc1 out, GELU out
-        fusion = max(10 * token_buffer, mlp) + index_embedding
+        fusion = max(10 * token_buffer, mlp)
         heads = 3 * token_buffer + work.batch * work.tokens * cfg.enc_dim * e + head_chunk * per_view_head
         return {"encoder": encoder, "fusion": fusion, "heads": heads + outputs}
     chunks = chunks or InPlace(queries=LEAN_QUERY_TOKENS, mlp=LEAN_MLP_TOKENS)
     queries, band = min(chunks.queries, work.tokens), min(chunks.mlp, chunks.queries, work.tokens)
     # norm1 rows, then queries and attention output; then the projection plus one MLP band (norm2, fc1, GELU).
     transient = max(2 * queries * d * e, queries * d * e + band * (d + 2 * hidden) * e)
-    fusion = 3 * token_buffer + transient + index_embedding
+    fusion = 3 * token_buffer + transient
     heads = head_chunk * per_view_head + 2 * head_tokens + outputs
     return {"encoder": encoder, "fusion": fusion, "heads": heads}
 

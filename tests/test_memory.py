@@ -151,9 +151,8 @@ def test_fast_fusion_holds_what_the_plan_says(monkeypatch, band, buffers):
     peak, _, _ = _fusion_peak(model, 1, 16, 16, None)
     planned = memory.plan_bytes(model.config, "fast", work)["fusion"]
     assert planned <= peak <= planned + 256 * 16
-    if buffers:
-        embedding = 16 * 128 * 4
-        assert planned == buffers * 256 * 128 * 4 + embedding
+    if buffers:  # the image-index embedding is freed once added (it was held through the fusion before)
+        assert planned == buffers * 256 * 128 * 4
 
 
 def test_the_plan_reproduces_todays_measured_peaks_and_meets_the_targets():

@@ -58,7 +58,6 @@ from .precision import apply_precision
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_DIR = "model"
-ARCHITECTURE_FILE = checkpoint.ARCHITECTURE_NAME  # beside config.json where the official format cannot say it all
 FREEZABLE_PARTS = {"encoder": "encoder", "fusion": "decoder", "head": "downstream_head",
                    "local_head": "downstream_head_local"}
 
@@ -153,17 +152,12 @@ def _train(run: Run) -> dict[str, Any]:
 
 
 def save_weights(model: Fast3R, architecture: Fast3RConfig, directory: Path, log: RunLog) -> None:
-    """``save_pretrained``'s official layout; plus ``fast3r_config.yaml`` where config.json cannot say it all.
-
-    The official config.json has no field for the DPT heads' widths (the official code fixes them), so a model
-    with other ``head_feature_dim`` / ``head_layer_dims`` would load with the wrong heads from config.json alone.
-    """
+    """``save_pretrained``'s official layout, and a note where config.json cannot describe the architecture."""
     checkpoint.save(model, architecture, directory)
-    if Fast3RConfig.from_official_args(**architecture.to_official_args()) != architecture:
-        architecture.to_yaml(directory / ARCHITECTURE_FILE)
+    if not checkpoint.official_form_describes(architecture):
         log.message(f"{directory}: config.json cannot describe this architecture (the official format fixes the "
-                    f"heads' widths); {ARCHITECTURE_FILE} beside it does, and Fast3R.from_pretrained reads it (the "
-                    "official loader cannot load these weights)")
+                    f"heads' widths and has no fusion positions); {checkpoint.ARCHITECTURE_NAME} beside it does, and "
+                    "Fast3R.from_pretrained reads it (the official loader cannot load these weights)")
 
 
 # ------------------------------------------------------------------------------------------ the step
