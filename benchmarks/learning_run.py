@@ -82,16 +82,14 @@ def training_scenes(scenes: int) -> list[dict]:
 
 
 def config(out: Path, precision: str, steps: int, cpu: bool, lr: float = LR, batch: int = BATCH, views: int = VIEWS,
-           window: int | None = WINDOW, compile: bool = False, scenes: int | None = None,
-           fusion_positions: bool = False) -> TrainConfig:
+           window: int | None = WINDOW, compile: bool = False, scenes: int | None = None) -> TrainConfig:
     """window: draw each sample's views from a run of this many consecutive views of a scene's trajectory
     (smaller camera motion within a sample); None: from the whole trajectory. scenes: training scenes
-    (default SCENES on the GPU, CPU_SCENES on the CPU). fusion_positions: the model embeds each token's patch
-    position before the fusion (``Fast3RConfig.fusion_positions``; not in the released architecture)."""
+    (default SCENES on the GPU, CPU_SCENES on the CPU)."""
     within = {} if window is None else {"window": window}
     scenes = scenes or (CPU_SCENES if cpu else SCENES)
     return TrainConfig(
-        model={**MODEL, "fusion_positions": True} if fusion_positions else MODEL, data=[{**entry, **within} for entry in training_scenes(scenes)],
+        model=MODEL, data=[{**entry, **within} for entry in training_scenes(scenes)],
         val_data=[{**entry, **within} for entry in HELD_OUT], views=views, val_views=views, size=224,
         batch_size=1 if cpu else batch, workers=2 if cpu else max(1, (os.cpu_count() or 1) - 2),
         steps=steps, lr=lr, min_lr=1e-5, warmup=max(1, min(100, steps // 10)), weight_decay=0.05, clip=1.0,
@@ -177,14 +175,12 @@ def main() -> int:
                         f"views of its scene's 24-view trajectory (default {WINDOW}; 0: the whole trajectory)")
     parser.add_argument("--scenes", type=int, help=f"training scenes (default {SCENES}; the CPU check {CPU_SCENES})")
     parser.add_argument("--compile", action="store_true", help="compile: true (Fast3R.compile() before the first step)")
-    parser.add_argument("--fusion-positions", action="store_true", help="the model embeds patch positions before "
-                        "the fusion (Fast3RConfig.fusion_positions; off in the released architecture)")
     parser.add_argument("--cpu-check", action="store_true", help="a short run on the CPU (logic, not the result)")
     parser.add_argument("--out", type=Path, help="results JSON (default results/learning_run_<gpu>.json)")
     args = parser.parse_args()
     cpu = args.cpu_check or not torch.cuda.is_available()
     make = functools.partial(config, cpu=cpu, lr=args.lr, batch=args.batch_size, views=args.views, window=args.window or None,
-                             compile=args.compile, scenes=args.scenes, fusion_positions=args.fusion_positions)
+                             compile=args.compile, scenes=args.scenes)
     if cpu:
         print("CPU check: a short run to see the loss fall and the metrics move; not the GPU result", file=sys.stderr)
     started = time.perf_counter()
@@ -202,7 +198,7 @@ def main() -> int:
             results[precision] = {**summarize(runs[precision], identity), "seconds": summary["seconds"]}
             print(json.dumps({precision: results[precision]}, indent=1), file=sys.stderr)
         document = {"gpu": "cpu" if cpu else torch.cuda.get_device_name(), "torch": torch.__version__,
-                    "model": make(Path("RUN"), "bf16-mixed", 1).model, "config": make(Path("RUN"), "bf16-mixed", steps).to_dict(),
+                    "model": MODEL, "config": make(Path("RUN"), "bf16-mixed", steps).to_dict(),
                     "steps": steps, "total_seconds": time.perf_counter() - started, "runs": results,
                     "all_checks_pass": all(all(r["checks"].values()) for r in results.values())}
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,6 @@ VARIANTS = {
     "window 4": ({"window": 4}, {}),
     "lr 3e-4": ({"lr": 3e-4}, {}),
     "jitter per sample, window 4": ({"window": 4}, {"jitter": "sample"}),
-    "fusion positions": ({"fusion_positions": True}, {}),
 }
 SCENES = 2048  # ~2 epochs of 4 samples a scene in the default steps: no scene learned by heart
 

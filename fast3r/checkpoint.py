@@ -242,7 +242,7 @@ def _alias_groups(model: nn.Module) -> list[list[str]]:
 def save(model: nn.Module, config: Fast3RConfig, directory: str | os.PathLike) -> Path:
     """Write config.json + model.safetensors; each file is staged beside the target and moved in whole.
 
-    Plus ``fast3r_config.yaml`` where config.json cannot say it all (other head widths, fusion positions), which
+    Plus ``fast3r_config.yaml`` where config.json cannot say it all (the DPT heads' widths), which
     ``Fast3R.from_pretrained`` prefers; a stale one from an earlier save is removed.
     """
     target = Path(directory)

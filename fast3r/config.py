@@ -38,12 +38,6 @@ class Fast3RConfig:
     with_local_head: bool = True
     random_image_index: bool = False
     img_size: int = 512
-    # Not in the released model (off there): a 2-D sin-cos embedding of each token's patch row and column, added
-    # with the image-index embedding before the fusion blocks. The fusion blocks have no RoPE and the encoder's is
-    # relative, so a model trained from scratch gets no absolute pixel position into the fusion, which relative
-    # poses need; the released model's encoder features carry it from their pretraining. A parameter-free opt-in
-    # for small from-scratch models (benchmarks/learning_run.py); config.json cannot say it, fast3r_config.yaml does.
-    fusion_positions: bool = False
 
     def __post_init__(self) -> None:
         for name in ("enc", "fusion"):

@@ -1,8 +1,7 @@
 """Fusion transformer: all-to-all attention over every token of every view.
 
 Tokens of all views are concatenated into one sequence; each view's tokens get the
-sin-cos embedding of its image index so the model can tell views apart (and, with
-``Fast3RConfig.fusion_positions``, that of their patch row and column).
+sin-cos embedding of its image index so the model can tell views apart.
 
 Two inference plans (``fast3r.memory``): the fast one keeps the hook layers on the device and
 returns them; the lean one runs every block in place on one token buffer and copies each hook
@@ -38,16 +37,6 @@ def image_index_embedding(indices: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=-1).float()
 
 
-def patch_position_embedding(grids: list[tuple[int, int]], dim: int, device: torch.device) -> torch.Tensor:
-    """2-D sin-cos embedding of every token's patch (row, column), views concatenated: (sum gh*gw, dim), fp32.
-
-    The first half of the channels encodes the row, the second the column, each with the image-index formula.
-    """
-    rows = torch.cat([torch.arange(gh, device=device).repeat_interleave(gw) for gh, gw in grids])
-    cols = torch.cat([torch.arange(gw, device=device).repeat(gh) for gh, gw in grids])
-    return torch.cat([image_index_embedding(rows, dim // 2), image_index_embedding(cols, dim // 2)], dim=-1)
-
-
 def sample_image_indices(batch: int, num_views: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """The official training-time scheme: view 0 -> 0, the others a random draw without replacement.
 
@@ -71,11 +60,10 @@ class FusionTransformer(nn.Module):
         )
         self.dec_norm = LayerNorm(cfg.fusion_dim, FUSION_NORM_EPS, ops)
         self.hooks = cfg.head_hooks
-        self.positions = cfg.fusion_positions
 
     def forward(
         self, tokens: torch.Tensor, view_sizes: list[int], image_ids: torch.Tensor, attend=None,
-        lean: InPlace | None = None, grids: list[tuple[int, int]] | None = None,
+        lean: InPlace | None = None,
     ) -> list[torch.Tensor]:
         """Run the fusion blocks and return only the layers the heads read.
 
@@ -86,16 +74,12 @@ class FusionTransformer(nn.Module):
         lean: the lean plan's chunks (inference only): the hook layers come back in host memory
         (pinned when produced on a GPU), and ``tokens`` is overwritten (its buffer becomes the
         residual stream once it is on the host).
-        grids: each view's patch grid (rows, columns); needed when the config adds fusion positions.
         Returns the 4 hook layers, each (B, L, dim); layer 0 is ``tokens`` itself (or its host copy).
         """
-        if self.positions and (grids is None or [gh * gw for gh, gw in grids] != list(view_sizes)):
-            raise ValueError(f"this model adds patch positions in the fusion (fusion_positions=True): pass grids, "
-                             f"one (rows, columns) per view whose products are view_sizes={list(view_sizes)}")
         if lean is not None:
-            return self._forward_lean(tokens, view_sizes, image_ids, attend, lean, grids)
+            return self._forward_lean(tokens, view_sizes, image_ids, attend, lean)
         x = self.decoder_embed(tokens)
-        self._embed(x, view_sizes, image_ids, grids)
+        self._embed(x, view_sizes, image_ids)
         kept = {0: tokens}
         depth = len(self.dec_blocks)
         for i, block in enumerate(self.dec_blocks, start=1):
@@ -106,16 +90,12 @@ class FusionTransformer(nn.Module):
                 kept[i] = x
         return [kept[i] for i in self.hooks]
 
-    def _embed(self, x: torch.Tensor, view_sizes: list[int], image_ids: torch.Tensor,
-               grids: list[tuple[int, int]] | None) -> None:
-        """x += each view's image-index embedding (and each token's patch position), in place."""
-        dim = self.decoder_embed.out_features
-        _add_per_view(x, image_index_embedding(image_ids, dim).to(x.dtype), view_sizes)
-        if self.positions:
-            x += patch_position_embedding(grids, dim, x.device).to(x.dtype)
+    def _embed(self, x: torch.Tensor, view_sizes: list[int], image_ids: torch.Tensor) -> None:
+        """x += each view's image-index embedding, in place; the embedding is freed on return."""
+        _add_per_view(x, image_index_embedding(image_ids, self.decoder_embed.out_features).to(x.dtype), view_sizes)
 
     def _forward_lean(self, tokens: torch.Tensor, view_sizes: list[int], image_ids: torch.Tensor, attend,
-                      plan: InPlace, grids: list[tuple[int, int]] | None) -> list[torch.Tensor]:
+                      plan: InPlace) -> list[torch.Tensor]:
         """One token buffer on the device for the whole stack: x, updated in place by every block.
 
         Each hook layer is copied to the host on a side stream as it is produced; the next block waits
@@ -133,7 +113,7 @@ class FusionTransformer(nn.Module):
                 x[b, rows] = embed(x[b, rows])
         else:
             x = embed(tokens)
-        self._embed(x, view_sizes, image_ids, grids)
+        self._embed(x, view_sizes, image_ids)
         depth, saved = len(self.dec_blocks), None
         for i, block in enumerate(self.dec_blocks, start=1):
             wait = None if saved is None else (lambda b, start, stop, layer=saved: store.wait(layer, b, start, stop))

@@ -128,7 +128,7 @@ class Fast3R(nn.Module):
         ids = self._image_ids(image_ids, seed, views[0].shape[0], num_views)[:, first_view : first_view + len(views)]
         lean = self._memory_plan(memory, views, grids, output_device)
         tokens = self._encode(views, grids, offsets, encoder_chunk)
-        hooks = self.decoder(tokens, sizes, _to_device(ids, tokens.device), attend, lean, grids)
+        hooks = self.decoder(tokens, sizes, _to_device(ids, tokens.device), attend, lean)
         del tokens  # hooks[0] holds it (or its host copy); nothing else may
         return self._predict(hooks, grids, offsets, batched, head_chunk, output_device)
 

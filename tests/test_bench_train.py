@@ -1,7 +1,6 @@
 """benchmarks/bench_train.py on a machine without a GPU: every item kind runs through the script's code (a small
 model, fp32), the JSON merges item by item, and malformed items are refused before any work."""
 
-import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -139,11 +138,3 @@ def test_compiled_forward_profile_swaps_the_named_ops_only():
             torch.testing.assert_close(b["pts3d_in_other_view"], a["pts3d_in_other_view"], rtol=1e-4, atol=1e-5)
     assert profile.family("void cudnn_generated_fort_native_sdpa_sm90_flash_fprop") == "attention"
     assert profile.family("triton_poi_fused_add_0") == "other"
-
-
-def test_the_learning_runs_fusion_positions_option_reaches_the_model():
-    learning_run = benchmark_script("learning_run")
-    plain, positions = (learning_run.config(Path("RUN"), "bf16-mixed", 2, cpu=True, fusion_positions=flag)
-                        for flag in (False, True))
-    assert not plain.model_config().fusion_positions and positions.model_config().fusion_positions
-    assert dataclasses.replace(positions.model_config(), fusion_positions=False) == plain.model_config()

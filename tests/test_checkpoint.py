@@ -57,6 +57,22 @@ def test_saved_files_follow_the_official_layout(tmp_path):
     assert set(stored) == expected
 
 
+def test_save_pretrained_keeps_head_widths_config_json_cannot_say_and_drops_a_stale_yaml(tmp_path):
+    """The official config.json fixes the DPT heads' widths: before this, save_pretrained of a model with other
+    widths wrote only config.json and the reload failed on the heads' shapes."""
+    torch.manual_seed(0)
+    narrow = dataclasses.replace(Fast3RConfig.preset("tiny"), head_feature_dim=32, head_layer_dims=(16, 32, 48, 64))
+    model = Fast3R(narrow).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "fast3r_config.yaml").is_file()
+    loaded = Fast3R.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config == narrow
+    assert_same_weights(model, loaded)
+    randomized_tiny().save_pretrained(tmp_path / "ckpt")  # the same directory; config.json describes this one
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["config.json", "model.safetensors"]
+    assert Fast3R.from_pretrained(tmp_path / "ckpt").config == Fast3RConfig.preset("tiny")
+
+
 def test_load_accepts_both_aliases_and_a_pth_state_dict(tmp_path):
     model = randomized_tiny()
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")

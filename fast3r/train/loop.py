@@ -156,7 +156,7 @@ def save_weights(model: Fast3R, architecture: Fast3RConfig, directory: Path, log
     checkpoint.save(model, architecture, directory)
     if not checkpoint.official_form_describes(architecture):
         log.message(f"{directory}: config.json cannot describe this architecture (the official format fixes the "
-                    f"heads' widths and has no fusion positions); {checkpoint.ARCHITECTURE_NAME} beside it does, and "
+                    f"heads' widths); {checkpoint.ARCHITECTURE_NAME} beside it does, and "
                     "Fast3R.from_pretrained reads it (the official loader cannot load these weights)")
 
 
