@@ -9,6 +9,8 @@
 #                                       # compiled start cold then warm (Inductor's on-disk cache)
 #   bash benchmarks/gpu_one.sh compile-rest  # what `compile` has not reached in its time: the compiled training step,
 #                                       # reduce-overhead and export of the large model, the torch backend at 1500
+#   bash benchmarks/gpu_one.sh compile-small  # the compiled forward after other view counts (symbolic sizes), a
+#                                       # 1-100 view compiled sweep of both backends, then the compile and upsampling tests
 #   bash benchmarks/gpu_one.sh profile  # where the large model's 32-view training step goes, both backends
 #   bash benchmarks/gpu_one.sh bench    # the training-step targets (bench_train.py), then GPU tests until CALL_SECONDS
 #   bash benchmarks/gpu_one.sh tests    # the whole -m gpu suite
@@ -74,6 +76,15 @@ compile-rest)  # the tests' log; the 1500-view sweep's JSON and log
     timeout $(( ${CALL_SECONDS:-560} - (SECONDS - start) )) $py benchmarks/scale_views.py --backend torch --size 224 \
         --points 1500 --compile --repeats 1 --cuda-graph-max-views 0 --out-dir "$out/torch_1500" \
         > "$out/compile_torch_1500.log" 2>&1
+    ;;
+compile-small)  # the JSON and logs of the profile and the sweep, then the tests' log
+    start=$SECONDS
+    $py benchmarks/profile_compiled_forward.py --views 32 --warm-views 1 2 \
+        --variants "triton eager" "triton compiled" "torch compiled" \
+        --out "$out/profile_compiled_forward_h200_32_after_1_2.json" > "$out/profile_compiled_forward.log" 2>&1
+    $py benchmarks/scale_views.py --backend triton torch --size 224 --points 1 16 32 100 --compile --repeats 3 \
+        --cuda-graph-max-views 0 --out-dir "$out/sweep" > "$out/compile_sweep.log" 2>&1
+    TEST_FILES="tests/test_gpu_compile.py tests/test_upsample.py" gpu_tests $(( ${CALL_SECONDS:-560} - (SECONDS - start) ))
     ;;
 profile)
     for backend in triton torch; do
