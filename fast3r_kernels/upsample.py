@@ -176,14 +176,28 @@ def _memory_format(t: torch.Tensor) -> torch.memory_format:
 
 
 # ------------------------------------------------------------ reference (PyTorch)
+def _blend_axis(size_in: int, size_out: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Along one axis, each output's two source indices and the second one's fp32 weight (align_corners=True)."""
+    src = torch.arange(size_out, device=device, dtype=torch.float32) * align_corners_scale(size_in, size_out)
+    i0 = src.floor().long().clamp(max=size_in - 1)
+    return i0, (i0 + 1).clamp(max=size_in - 1), src - i0
+
+
 def _interpolation_matrix(size_in: int, size_out: int, like: torch.Tensor) -> torch.Tensor:
     """(out, in) fp32 matrix of the align_corners=True blend weights along one axis."""
-    src = torch.arange(size_out, device=like.device, dtype=torch.float32) * align_corners_scale(size_in, size_out)
-    i0 = src.floor().long()
-    i1 = (i0 + 1).clamp(max=size_in - 1)
-    lam = src - i0
+    i0, i1, lam = _blend_axis(size_in, size_out, like.device)
     eye = torch.eye(size_in, device=like.device)
     return eye[i0] * (1 - lam)[:, None] + eye[i1] * lam[:, None]
+
+
+def gathered_upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The same blend as gathers and lerps in fp32: the op's traced forward under symbolic sizes, which Inductor
+    fuses into one pointwise kernel (ATen's bilinear there is an opaque fallback, 20x slower on the H200)."""
+    r0, r1, row_weight = _blend_axis(x.shape[-2], size[0], x.device)
+    c0, c1, col_weight = _blend_axis(x.shape[-1], size[1], x.device)
+    xf = x.float()
+    rows = torch.lerp(xf[:, :, r0], xf[:, :, r1], row_weight[:, None])
+    return torch.lerp(rows[..., c0], rows[..., c1], col_weight).to(x.dtype)
 
 
 def reference_upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -201,12 +215,13 @@ def reference_upsample_backward(dy: torch.Tensor, size_in: tuple[int, int]) -> t
 
 
 # ------------------------------------------------------------------ the ops
-# Under torch.compile the ops' bodies are traced into the graph (triton_op); with symbolic sizes they trace ATen's
-# bilinear instead of the kernel. Inductor drops its channels-last layout for convolutions whose sizes are symbolic
-# (pytorch issue 102670), so a DPT head hands this kernel NCHW maps there, where it ran 3.7x slower than Inductor's
-# own bilinear (H200, 32 views: 2.96 vs 0.80 ms; benchmarks/NOTES.md). The sizes decide, not the strides: when the
-# body is traced, the tensors still carry eager's layout. The backward then takes the matrix-product reference
-# (ATen's has no symbolic meta kernel; training compiles with static sizes anyway).
+# Under torch.compile the ops' bodies are traced into the graph (triton_op); with symbolic sizes they trace the
+# blend as gathers instead of the kernel. Inductor drops its channels-last layout for convolutions whose sizes are
+# symbolic (pytorch issue 102670), so a DPT head hands this kernel NCHW maps there, where it ran 3.7x slower than
+# Inductor's own fused bilinear (H200, 32 views: 2.96 vs 0.80 ms; benchmarks/NOTES.md). Not ATen's upsample: traced
+# here it reaches Inductor undecomposed and runs as ATen's NCHW kernel (15.8 ms). The sizes decide, not the
+# strides: when the body is traced, the tensors still carry eager's layout. The backward then takes the
+# matrix-product reference (ATen's has no symbolic meta kernel; training compiles with static sizes anyway).
 def _symbolic(t: torch.Tensor) -> bool:
     return any(isinstance(n, torch.SymInt) for n in t.shape)
 
@@ -214,7 +229,7 @@ def _symbolic(t: torch.Tensor) -> bool:
 @triton_op("fast3r::upsample_bilinear", mutates_args=())
 def upsample_op(x: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
     if _symbolic(x):
-        return torch.ops.aten.upsample_bilinear2d.default(x, [out_h, out_w], True)
+        return gathered_upsample(x, (out_h, out_w))
     if not runs_kernels(x):
         return reference_upsample(x, (out_h, out_w))
     with device_guard(x.device):

@@ -73,11 +73,11 @@ def test_ops_pass_torch_library_opcheck(case):
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
-def test_the_upsampling_op_traces_atens_bilinear_under_symbolic_sizes(dynamic):
+def test_the_upsampling_op_traces_gathers_under_symbolic_sizes(dynamic):
     """With symbolic sizes Inductor runs the heads NCHW, where our kernel was 3.7x slower than its own bilinear on
-    the H200 (benchmarks/NOTES.md): the op's traced forward must then be ATen's upsample, and with static sizes
-    not (on a GPU the kernel, here its matrix-product reference); the backward is the reference either way on a
-    CPU. Read from the graphs that AOTAutograd hands the compiler (what Inductor lowers), values and gradients
+    the H200 (benchmarks/NOTES.md): the op's traced forward must then be the blend as gathers (which Inductor
+    fuses; ATen's upsample would reach it as an opaque fallback kernel), and with static sizes not (on a GPU the
+    kernel, here its matrix-product reference); the backward is the reference either way on a CPU. Read from the graphs that AOTAutograd hands the compiler (what Inductor lowers), values and gradients
     checked."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
@@ -101,7 +101,8 @@ def test_the_upsampling_op_traces_atens_bilinear_under_symbolic_sizes(dynamic):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got, torch.autograd.grad(expected, reference, grad)[0], rtol=1e-5, atol=1e-5)
     forward, backward = graphs
-    assert ("aten.upsample_bilinear2d.default" in forward) == dynamic, forward
+    assert "upsample_bilinear2d" not in forward and ("aten.lerp" in forward) == dynamic, forward
+    assert ("aten.mm" in forward or "aten.bmm" in forward) != dynamic, forward
     assert "upsample_bilinear2d" not in backward and "aten.mm" in backward, backward
 
 

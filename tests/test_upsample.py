@@ -52,6 +52,20 @@ def test_reference_path_matches_the_kernel(default_device):
                                upsample_module.upsample_backward(dy, (3, 5)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n, c, h, w, channels_last, size", CASES)
+def test_the_gathered_blend_matches_pytorch(n, c, h, w, channels_last, size, dtype):
+    """The op's traced forward under symbolic sizes (gathers and lerps, fused by Inductor) against fp64."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(n, c, h, w, dtype=dtype).contiguous(memory_format=fmt)
+    out = size or (2 * h, 2 * w)
+    y = upsample_module.gathered_upsample(x, out)
+    y64 = upsample_module.torch_upsample_bilinear(x.double(), size=out)
+    stock = upsample_module.torch_upsample_bilinear(x, size=out) if dtype != torch.float32 else None
+    assert y.shape == y64.shape and y.dtype == dtype
+    assert_close_to_reference(y, y64, stock, "y")
+
+
 @pytest.mark.parametrize("bad, kwargs, message", [
     (torch.randn(2, 3, 4), {"scale_factor": 2}, "expected \\(N, C, H, W\\)"),
     (torch.randn(1, 2, 3, 4), {}, "exactly one"),
