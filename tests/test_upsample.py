@@ -62,7 +62,7 @@ def test_the_gathered_blend_matches_pytorch(n, c, h, w, channels_last, size, dty
     y = upsample_module.gathered_upsample(x, out)
     y64 = upsample_module.torch_upsample_bilinear(x.double(), size=out)
     stock = upsample_module.torch_upsample_bilinear(x, size=out) if dtype != torch.float32 else None
-    assert y.shape == y64.shape and y.dtype == dtype
+    assert y.shape == y64.shape and y.dtype == dtype and y.is_contiguous(memory_format=fmt)
     assert_close_to_reference(y, y64, stock, "y")
 
 
