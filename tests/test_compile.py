@@ -77,8 +77,8 @@ def test_the_upsampling_op_traces_gathers_under_symbolic_sizes(dynamic):
     """With symbolic sizes Inductor runs the heads NCHW, where our kernel was 3.7x slower than its own bilinear on
     the H200 (benchmarks/NOTES.md): the op's traced forward must then be the blend as gathers (which Inductor
     fuses; ATen's upsample would reach it as an opaque fallback kernel), and with static sizes not (on a GPU the
-    kernel, here its matrix-product reference); the backward is the reference either way on a CPU. Read from the graphs that AOTAutograd hands the compiler (what Inductor lowers), values and gradients
-    checked."""
+    kernel, here its matrix-product reference); the backward is the reference either way on a CPU. Read from the
+    graphs that AOTAutograd hands the compiler (what Inductor lowers), values and gradients checked."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
