@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fast3r.train import TrainConfig, loop, train
+from fast3r.train.distances import PARTS
 from fast3r.train.evaluate import identity_pose_metrics
 from fast3r.train.logging import read_metrics
 
@@ -120,6 +121,9 @@ def summarize(run_dir: Path, identity: dict[str, float]) -> dict:
     out = {"steps": steps[-1]["step"], "loss_start": start["loss"], "loss_end": end["loss"],
            "distance_start": start["regr"], "distance_end": end["regr"],
            "distance_ratio": start["regr"] / end["regr"],
+           # where the distance stops (fast3r.train.distances): own-frame shape, view 0, views 1.. in view 0's frame
+           "distance_parts_end": {k: sum(r[k] for r in steps[-window:]) / window for k in PARTS[1:]
+                                  if all(r.get(k) is not None for r in steps[-window:])},
            "untrained": {k: before[k] for k in ("loss", "RRA@15", "RTA@15", "mAA@30", "accuracy")},
            "trained": {k: after[k] for k in ("loss", "RRA@15", "RTA@15", "mAA@30", "accuracy")},
            "identity_poses": identity}
@@ -146,6 +150,9 @@ def plot(runs: dict[str, Path], identity: dict[str, float], path: Path, title: s
         vals = [r for r in records if r["kind"] == "val"]
         axes[0].plot([r["step"] for r in steps], [r["regr"] for r in steps], label=f"{precision}: point distance")
         axes[0].plot([r["step"] for r in steps], [r["loss"] for r in steps], "--", label=f"{precision}: loss")
+        others = [(r["step"], r["regr_others"]) for r in steps if r.get("regr_others") is not None]
+        if others:
+            axes[0].plot(*zip(*others), ":", label=f"{precision}: distance, views 1.. in view 0's frame")
         for ax, key in zip(axes[1:], ("RRA@15", "RTA@15", "accuracy")):
             ax.plot([r["step"] for r in vals], [r[key] for r in vals], "o-", label=precision)
     for ax, key in zip(axes[1:3], ("RRA@15", "RTA@15")):

@@ -117,8 +117,31 @@ def test_learning_sweep_runs_each_variant_on_the_same_scenes(tmp_path, monkeypat
         assert [v["step"] for v in result["validations"]] == [0, 3]  # before training and at the end
         assert result["identity_poses"] == baseline["identity_poses"]  # the same held-out scenes
         assert set(result["checks"]) >= {"loss_down_3x", "accuracy_2x_untrained"}
+        assert set(result["distance_parts_end"]) == {"regr_local", "regr_anchor", "regr_others"}
     # the same first batch (same seed, same scenes), coloured differently: the first losses differ
     assert baseline["curve"][0]["loss"] != jittered["curve"][0]["loss"]
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_pose_study_trains_validates_and_reads_its_floors(tmp_path):
+    """A smoke run of benchmarks/pose_study_cpu.py: 64 px, 2 scenes, 4 steps (window 2, then 4)."""
+    study = benchmark_script("pose_study_cpu")
+    assert study.curriculum("2:400,3:300") == [(2, 400), (3, 700)]
+    out = tmp_path / "study.json"
+    assert study.main(["--res", "64", "--scenes", "2", "--steps", "4", "--val-every", "2", "--curriculum", "2:2",
+                       "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert [v["step"] for v in doc["validations"]] == [0, 2, 4]
+    for validation in doc["validations"]:
+        for split in ("held_out", "training_samples"):
+            metrics = validation[split]
+            assert all(0 <= metrics[k] <= 1 for k in ("RRA@15", "RTA@15", "mAA@30"))
+            assert metrics["regr_others"] > 0 and 0 <= metrics["median_rotation_error_deg"] <= 180
+    floors = doc["floors"]
+    assert 0 < floors["identity_poses"]["RRA@15"] < 1 and floors["identity_poses"]["RTA@15"] == 0  # cameras that move
+    assert 0.2 < floors["flat_depth_local_distance"] < 1
+    shares = [floors["visible_share_by_gap"][str(gap)]["median"] for gap in range(1, 8)]
+    assert shares[0] > 0.5 and shares == sorted(shares, reverse=True)  # farther along the path, less in common
     assert out.with_suffix(".png").stat().st_size > 0
 
 

@@ -123,6 +123,21 @@ def test_schedule_warms_up_then_decays_to_min_lr(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- bad input
+def test_a_model_without_the_local_head_is_told_to_validate_with_pnp_and_no_run_dir_is_left(tmp_path):
+    """Before: procrustes failed at the first validation (KeyError on pts3d_local), and a setup error left a
+    config.yaml behind, so the corrected run into the same out was refused as 'already holds a training run'."""
+    config = small_config(tmp_path / "run", steps=1, model={**train_cases.SMALL_MODEL, "with_local_head": False},
+                          val_data=train_cases.HELD_OUT, val_views=2)
+    with pytest.raises(ConfigError, match="no local head.*set val_cameras: pnp"):
+        train(config)
+    with pytest.raises(ConfigError, match="freeze lists 'local_head', but this model has no local head"):
+        train(config.replace(freeze=["local_head"], val_cameras="pnp"))
+    assert not (tmp_path / "run").exists()
+    train(config.replace(val_cameras="pnp"))
+    validations = records(tmp_path / "run", kind="val")
+    assert len(validations) == 2 and all(0 <= r["RRA@15"] <= 1 for r in validations)
+
+
 def test_fewer_views_than_asked_is_a_named_error(tmp_path):
     config = small_config(tmp_path / "few", steps=2, data=[{"format": "synthetic", "scenes": 2, "views": 3}])
     with pytest.raises(loop.DataError, match=r"has 3 views, fewer than the 4 a sample asks for; lower views"):

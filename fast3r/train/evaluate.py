@@ -2,7 +2,8 @@
 
 Per validation sample (one scene, ``val_views`` views): the model runs in eval mode (as the
 official validation: the fusion blocks' eval-mode softmax temperature applies), then
-- ``loss``: ``fast3r_loss`` on the sample;
+- ``loss``: ``fast3r_loss`` on the sample, and its point distances split as ``fast3r.train.distances``
+  says (``regr``, ``regr_local``, ``regr_anchor``, ``regr_others``);
 - ``RRA@15``, ``RTA@15``, ``mAA@30`` (fast3r.metrics.pose_metrics, fractions in [0, 1]) of the
   cameras ``fast3r.estimate_cameras`` recovers from the predicted pointmaps, against the ground
   truth poses;
@@ -32,6 +33,7 @@ from ..fusion import sample_image_indices
 from ..loss import fast3r_loss
 from ..metrics import pointmap_accuracy_completion, pose_metrics
 from . import distributed
+from .distances import PARTS, point_distances
 from .distributed import World
 
 VAL_POINTS = 10_000
@@ -46,7 +48,9 @@ def validate(model: nn.Module, dataset: Dataset, world: World, *, autocast: Call
     """Mean metrics over ``dataset`` (every rank calls this with the same dataset)."""
     was_training = model.training
     model.eval()
-    totals = dict.fromkeys((*METRICS, "samples"), 0.0)
+    # A part of the point distance a model has no term for (regr_local without a local head) is left out: each
+    # part counts the samples that had it, in totals summed over the ranks (a rank may have no sample).
+    totals = dict.fromkeys((*METRICS, *PARTS, *(f"{part} samples" for part in PARTS), "samples"), 0.0)
     try:
         for index in range(world.rank, len(dataset), world.size):
             with record_function("validate/read"):
@@ -54,12 +58,15 @@ def validate(model: nn.Module, dataset: Dataset, world: World, *, autocast: Call
             for key, value in evaluate_sample(model, sample, index, world.device, autocast=autocast,
                                               image_ids=image_ids, cameras=cameras).items():
                 totals[key] += value
+                if key in PARTS:
+                    totals[f"{key} samples"] += 1
             totals["samples"] += 1
     finally:
         model.train(was_training)
     totals = distributed.sum_over_ranks(totals, world)
     count = max(totals.pop("samples"), 1)
-    return {key: value / count for key, value in totals.items()}
+    parts = {part: totals[part] / totals[f"{part} samples"] for part in PARTS if totals[f"{part} samples"]}
+    return {**{key: totals[key] / count for key in METRICS}, **parts}
 
 
 def evaluate_sample(model: nn.Module, sample: dict, index: int, device: torch.device, *,
@@ -75,12 +82,14 @@ def evaluate_sample(model: nn.Module, sample: dict, index: int, device: torch.de
     with record_function("validate/loss"):
         gts = [{"pts3d": sample["pts3d"][v][None].to(device), "valid_mask": sample["valid_mask"][v][None].to(device),
                 "camera_pose": sample["camera_pose"][v][None].to(device)} for v in range(views)]
-        loss = float(fast3r_loss(preds, gts)[0])
+        loss, details = fast3r_loss(preds, gts)
+        loss = float(loss)
     per_view = [{key: value[0].float() for key, value in view.items()} for view in preds]
     with record_function("validate/cameras"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="estimated focal out of")  # an untrained model's, every sample
         found = estimate_cameras(per_view, method=cameras)
         out = {"loss": loss, **_pose(found["cam2world"], sample["camera_pose"])}
+    out.update({part: value for part, value in point_distances(details).items() if value is not None})
     with record_function("validate/pointmap"):
         out.update(_pointmap(per_view, sample, index))
     return out

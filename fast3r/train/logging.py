@@ -20,6 +20,10 @@ from typing import Any
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 CURVES = "curves.png"
+# The training panel: the loss and the point distance, split as fast3r.train.distances says (a gap between the
+# last two is what the unknown cameras cost).
+TRAINING_CURVES = (("loss", "-", "loss"), ("regr", "--", "mean point distance"),
+                   ("regr_anchor", ":", "distance, view 0"), ("regr_others", "-.", "distance, views 1.. in view 0's frame"))
 SHOWN_ON_BAR = {"loss": "{:.4f}", "lr": "{:.2e}", "views/s": "{:.1f}", "data_s": "{:.2f}", "gpu_mem_gib": "{:.1f}"}
 
 
@@ -102,7 +106,7 @@ def keep_until(path: Path, step: int) -> None:
 
 
 def plot_curves(run_dir: Path, title: str | None = None) -> Path:
-    """RUN_DIR/curves.png: the training loss (and mean point distance), and each validation metric, per step."""
+    """RUN_DIR/curves.png: the training loss (and the point distances), and each validation metric, per step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,10 +118,10 @@ def plot_curves(run_dir: Path, title: str | None = None) -> Path:
     val_keys = [k for k in ("loss", "RRA@15", "RTA@15", "mAA@30", "accuracy") if any(k in r for r in val)]
     fig, axes = plt.subplots(1, 1 + len(val_keys), figsize=(4.5 * (1 + len(val_keys)), 3.6), squeeze=False)
     ax = axes[0, 0]
-    for key, style in (("loss", "-"), ("regr", "--")):
+    for key, style, label in TRAINING_CURVES:
         points = [(r["step"], r[key]) for r in train if r.get(key) is not None]
         if points:
-            ax.plot(*zip(*points), style, label={"loss": "loss", "regr": "mean point distance"}[key])
+            ax.plot(*zip(*points), style, label=label)
     ax.set_xlabel("step")
     ax.set_title("training")
     ax.legend()

@@ -49,6 +49,7 @@ from . import distributed, state
 from .activation_checkpointing import apply_activation_checkpointing
 from .config import KEYS, RESUMABLE_KEYS, ConfigError, TrainConfig
 from .data import DataError, build_dataset, collate, to_model_inputs
+from .distances import PARTS, point_distances
 from .distributed import World
 from .evaluate import validate
 from .logging import CURVES, RunLog, plot_curves
@@ -168,7 +169,7 @@ def train_step(run: Run, micro_batches: list[dict], log: RunLog) -> dict[str, An
     lr = run.scheduler.get_last_lr()[0]
     if world.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(world.device)
-    losses, distances = [], []
+    losses, distances = [], []  # per micro-batch: the loss, point_distances
     for micro, batch in enumerate(micro_batches):
         with record_function("train/copy"):
             images, gts = to_model_inputs(batch, world.device)
@@ -179,7 +180,7 @@ def train_step(run: Run, micro_batches: list[dict], log: RunLog) -> dict[str, An
             with warnings.catch_warnings():  # the schedule advances without an update, on purpose
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
                 run.scheduler.step()
-            return {"loss": None, "regr": None, "lr": lr, "skipped_batches": run.counters["bad_batches"]}
+            return {"loss": None, **dict.fromkeys(PARTS), "lr": lr, "skipped_batches": run.counters["bad_batches"]}
         slots = run.order.slots(position(run.step, micro, config.grad_accum, world.rank, world.size))
         last = micro == len(micro_batches) - 1
         sync = run.module.no_sync() if world.distributed and not last else contextlib.nullcontext()
@@ -196,14 +197,15 @@ def train_step(run: Run, micro_batches: list[dict], log: RunLog) -> dict[str, An
             run.optimizer.zero_grad(set_to_none=True)
             raise TrainingOutOfMemoryError(oom_message(run, images)) from err
         losses.append(loss.item())
-        distances.append(sum(v for k, v in details.items() if k.startswith("regr_")) / max(
-            1, sum(k.startswith("regr_") for k in details)))
+        distances.append(point_distances(details))
     grad_norm = None
     if config.clip is not None:
         with record_function("train/clip"):
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable(run.model), config.clip))
+    parts = [key for key in PARTS if distances[0][key] is not None]  # the same keys on every rank: one model, one view count
     totals = distributed.sum_over_ranks({"loss": sum(losses) / len(losses),
-                                         "regr": sum(distances) / len(distances)}, world)
+                                         **{key: sum(d[key] for d in distances) / len(distances) for key in parts}},
+                                        world)
     loss = totals["loss"] / world.size
     if not math.isfinite(loss):
         raise TrainingDivergedError(f"the loss is {loss} at step {run.step + 1} (lr {lr:.3g}): lower lr, "
@@ -215,7 +217,8 @@ def train_step(run: Run, micro_batches: list[dict], log: RunLog) -> dict[str, An
         raise TrainingOutOfMemoryError(oom_message(run, images)) from err
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss, "regr": totals["regr"] / world.size, "lr": lr, "grad_norm": grad_norm,
+    return {"loss": loss, **{key: totals[key] / world.size if key in totals else None for key in PARTS},
+            "lr": lr, "grad_norm": grad_norm,
             "step_s": time.perf_counter() - start,
             "gpu_mem_gib": torch.cuda.max_memory_allocated(world.device) / 2**30
             if world.device.type == "cuda" else None,
@@ -290,6 +293,9 @@ def setup(config: TrainConfig | None, resume: str | Path | None, world: World) -
     """Run directory, model, optimizer, schedule and data; the latest checkpoint's state when resuming."""
     config, run_dir, resume_from = prepare_run_dir(config, resume, world)
     model = build_model(config, world.device)
+    if config.val_data and config.val_cameras == "procrustes" and model.downstream_head_local is None:
+        raise ConfigError("val_cameras: procrustes aligns each view's local pointmap, and this model has no local "
+                          "head (with_local_head: false); set val_cameras: pnp")
     autocast = apply_precision(model, config.precision)
     apply_activation_checkpointing(model, config.checkpointing)
     if config.compile:
@@ -307,23 +313,20 @@ def setup(config: TrainConfig | None, resume: str | Path | None, world: World) -
         order = SampleOrder(len(train_set), config.batch_size, config.seed, config.shuffle)
     except ValueError as err:
         raise DataError(str(err)) from err
+    if resume_from is None:
+        start_run_dir(config, run_dir, world)
     return Run(config, world, run_dir, model, distributed.wrap(model, world), optimizer, scheduler, autocast,
                train_set, val_set, order, step, counters)
 
 
 def prepare_run_dir(config: TrainConfig | None, resume: str | Path | None,
                     world: World) -> tuple[TrainConfig, Path, Path | None]:
-    """-> (the config to run, the run directory, the checkpoint to resume from or None)."""
+    """-> (the config to run, the run directory, the checkpoint to resume from or None); writes nothing."""
     if resume is None:
         run_dir = Path(config.out)
         if (run_dir / CONFIG_FILE).exists() or state.latest(run_dir) is not None:
             raise state.ResumeError(f"{run_dir} already holds a training run; continue it with --resume {run_dir} "
                                     "(train(config, resume=...)), or set out to a new directory")
-        distributed.barrier(world)  # every rank has looked before rank 0 writes
-        if world.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            _write_config(config, run_dir / CONFIG_FILE)
-        distributed.barrier(world)
         return config, run_dir, None
     run_dir = Path(resume)
     saved_file = run_dir / CONFIG_FILE
@@ -348,6 +351,16 @@ def prepare_run_dir(config: TrainConfig | None, resume: str | Path | None,
     if world.main:
         _write_config(config, saved_file)
     return config, run_dir, latest
+
+
+def start_run_dir(config: TrainConfig, run_dir: Path, world: World) -> None:
+    """Write a new run's config once its setup has succeeded: a config, model or data error leaves no run
+    directory behind that would refuse the corrected run ("already holds a training run")."""
+    distributed.barrier(world)  # every rank has looked (prepare_run_dir) before rank 0 writes
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_config(config, run_dir / CONFIG_FILE)
+    distributed.barrier(world)
 
 
 def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset | None]:
