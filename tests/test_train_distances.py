@@ -3,7 +3,7 @@
 import pytest
 import torch
 import train_cases
-from train_cases import small_config
+from train_cases import ONE_HELD_OUT_SAMPLE, small_config
 
 from fast3r import fast3r_loss
 from fast3r.train import train
@@ -79,7 +79,7 @@ def test_parts_without_a_term_are_none():
 def test_a_run_logs_the_parts_in_training_and_validation(tmp_path, local_head):
     """4 views: regr is the mean of the 8 (or 4) terms; a part with no term is null in training, absent in validation."""
     model = {**train_cases.SMALL_MODEL, "with_local_head": local_head}
-    train(small_config(tmp_path, model=model, steps=2, val_data=train_cases.HELD_OUT, val_views=2, val_every=2,
+    train(small_config(tmp_path, model=model, steps=2, val_data=ONE_HELD_OUT_SAMPLE, val_views=2, val_every=2,
                        val_cameras="procrustes" if local_head else "pnp"))
     records = read_metrics(tmp_path)
     steps = [r for r in records if r["kind"] == "train"]

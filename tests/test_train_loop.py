@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 import train_cases
-from train_cases import small_config
+from train_cases import ONE_HELD_OUT_SAMPLE, small_config
 
 from fast3r import Fast3R
 from fast3r.train import loop, train
@@ -127,7 +127,7 @@ def test_a_model_without_the_local_head_is_told_to_validate_with_pnp_and_no_run_
     """Before: procrustes failed at the first validation (KeyError on pts3d_local), and a setup error left a
     config.yaml behind, so the corrected run into the same out was refused as 'already holds a training run'."""
     config = small_config(tmp_path / "run", steps=1, model={**train_cases.SMALL_MODEL, "with_local_head": False},
-                          val_data=train_cases.HELD_OUT, val_views=2)
+                          val_data=ONE_HELD_OUT_SAMPLE, val_views=2)
     with pytest.raises(ConfigError, match="no local head.*set val_cameras: pnp"):
         train(config)
     with pytest.raises(ConfigError, match="freeze lists 'local_head', but this model has no local head"):

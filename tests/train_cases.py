@@ -12,6 +12,7 @@ SMALL_MODEL = {"enc_dim": 64, "enc_depth": 2, "enc_heads": 2, "fusion_dim": 64, 
                "head_feature_dim": 32, "head_layer_dims": [16, 32, 64, 128]}
 SCENES = [{"format": "synthetic", "scenes": 2, "seed": 0}]
 HELD_OUT = [{"format": "synthetic", "scenes": 2, "seed": 100}]
+ONE_HELD_OUT_SAMPLE = [{"format": "synthetic", "scenes": 1, "seed": 100, "samples": 1}]  # a validation in ~1 s
 
 
 def small_config(out, **changes) -> TrainConfig:
