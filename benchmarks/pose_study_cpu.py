@@ -40,14 +40,14 @@ from fast3r.config import Fast3RConfig
 from fast3r.fusion import sample_image_indices
 from fast3r.metrics import pose_metrics, relative_pose_errors
 from fast3r.train.data.dataset import assemble, collate, to_model_inputs
-from fast3r.train.data.sampling import crop_view
+from fast3r.train.data.sampling import crop_view, world_points
 from fast3r.train.data.synthetic import synthetic_scene
 from fast3r.train.distances import PARTS, point_distances
+from fast3r.train.evaluate import POSE_METRICS, identity_pose_metrics
 
 TRAJECTORY = 24  # views a scene's camera path has (the package's synthetic default)
 HELD_OUT_SCENES, HELD_OUT_SEED, PROBE_SAMPLES = 32, 100_000, 32
 MARGIN = 16  # rendered this many pixels larger than --res, so that the random crops can zoom
-POSE = ("RRA@15", "RTA@15", "mAA@30")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                 for i, views in enumerate(held_out_scenes) for k in range(2)]
     probe = [draw(views, np.random.default_rng([8, i]), args, args.window, augment=False)
              for i, views in enumerate(train_scenes[:PROBE_SAMPLES])]
-    floors = {"identity_poses": identity_floor(held_out, args.views),
+    floors = {"identity_poses": identity_pose_metrics(held_out),
               "flat_depth_local_distance": flat_depth_floor(held_out_scenes, args.res),
               "visible_share_by_gap": overlap_by_gap(held_out_scenes)}
     print(json.dumps(floors), file=sys.stderr)
@@ -171,21 +171,15 @@ def evaluate(model: Fast3R, samples: list[dict], views: int) -> dict[str, float]
                         for key in ("rotation_error_deg", "translation_error_deg")}}
 
 
-def identity_floor(samples: list[dict], views: int) -> dict[str, float]:
-    rows = [_pose(torch.eye(4, dtype=torch.float64).repeat(views, 1, 1), s["camera_pose"].double()) for s in samples]
-    return {key: _mean([r[key] for r in rows]) for key in POSE}
-
-
 def flat_depth_floor(scenes: list[list[dict]], res: int) -> float:
     """The local term's distance for a constant depth map (what a model that learned no depth scores), 3 views a scene."""
     distances = []
     for views in scenes:
         for j in (0, 7, 15):
             sample = assemble([crop_view(views[j], (res, res), None)], "floor")
-            points, valid, k = sample["pts3d"][0].double(), sample["valid_mask"][0], sample["intrinsics"][0].double()
-            ys, xs = torch.meshgrid(torch.arange(res).double(), torch.arange(res).double(), indexing="ij")
-            rays = torch.stack([(xs - k[0, 2]) / k[0, 0], (ys - k[1, 2]) / k[1, 1], torch.ones_like(xs)], -1)
-            flat = rays / rays[valid].norm(dim=-1).mean()
+            points, valid = sample["pts3d"][0].double(), sample["valid_mask"][0]
+            flat = torch.from_numpy(world_points(np.ones((res, res)), sample["intrinsics"][0].double().numpy(), np.eye(4)))
+            flat = flat / flat[valid].norm(dim=-1).mean()
             distances.append(float((flat - points / points[valid].norm(dim=-1).mean()).norm(dim=-1)[valid].mean()))
     return _mean(distances)
 
@@ -203,12 +197,9 @@ def overlap_by_gap(scenes: list[list[dict]]) -> dict[int, dict[str, float]]:
 
 
 def _visible_share(seen: dict, source: dict) -> float:
-    depth, k = source["depth"].astype(np.float64), source["intrinsics"]
+    depth = source["depth"].astype(np.float64)
     h, w = depth.shape
-    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
-    points = np.stack([(xs - k[0, 2]) / k[0, 0] * depth, (ys - k[1, 2]) / k[1, 1] * depth, depth], -1)
-    to_seen = np.linalg.inv(seen["cam2world"]) @ source["cam2world"]
-    p = points @ to_seen[:3, :3].T + to_seen[:3, 3]
+    p = world_points(depth, source["intrinsics"], np.linalg.inv(seen["cam2world"]) @ source["cam2world"])
     z = np.where(p[..., 2] > 1e-2, p[..., 2], np.nan)
     u = seen["intrinsics"][0, 0] * p[..., 0] / z + seen["intrinsics"][0, 2]
     v = seen["intrinsics"][1, 1] * p[..., 1] / z + seen["intrinsics"][1, 2]
@@ -219,7 +210,7 @@ def _visible_share(seen: dict, source: dict) -> float:
 
 def _pose(cam2world: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
     metrics = pose_metrics(cam2world, truth, thresholds=(15,))
-    return {key: metrics[key] for key in POSE}
+    return {key: metrics[key] for key in POSE_METRICS}
 
 
 def _mean(values: list[float | None]) -> float | None:

@@ -15,7 +15,7 @@ PARTS = ("regr", "regr_local", "regr_anchor", "regr_others")
 
 def point_distances(details: dict[str, float]) -> dict[str, float | None]:
     """``PARTS`` from ``fast3r_loss``'s details; a part with no term (no local head, one view) is None."""
-    anchor = [value for key, value in details.items() if key == "regr_global/00"]
+    anchor = [details["regr_global/00"]] if "regr_global/00" in details else []
     others = [value for key, value in details.items() if key.startswith("regr_global/") and key != "regr_global/00"]
     local = [value for key, value in details.items() if key.startswith("regr_local/")]
     return {"regr": _mean(anchor + others + local), "regr_local": _mean(local), "regr_anchor": _mean(anchor),
